@@ -1,0 +1,97 @@
+"""Orbax checkpoints: the train state (params, optimizer state, step, RNG) and the
+resolved config, saved together, asynchronously, on a cadence.
+
+Orbax writes each step into a temporary directory and renames it once every file
+is on disk, so a step directory without the temporary suffix is complete. A save
+cut short (a killed process, a preempted host) leaves only the temporary one: it
+is skipped with a warning and removed, and the run resumes from the newest
+complete step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from maxllm.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class Checkpointer:
+    def __init__(self, directory: str, cfg: CheckpointConfig, config_dict: dict[str, Any]):
+        # Orbax (tensorstore) wants absolute local paths.
+        self.directory = epath.Path(directory if "://" in directory else Path(directory).absolute())
+        self.cfg = cfg
+        self.config_dict = config_dict
+        self._warn_unfinished()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=cfg.async_save,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "config")
+        )
+
+    def _warn_unfinished(self) -> None:
+        if not self.directory.exists():
+            return
+        for child in sorted(self.directory.iterdir()):
+            if _TMP_MARKER in child.name:
+                log.warning(
+                    "skipping unfinished checkpoint %s (a save that did not complete); "
+                    "resuming from the newest complete step instead",
+                    child,
+                )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"]
+
+    def save(self, step: int, state: Any, force: bool = False) -> bool:
+        """Starts a save of `state` at `step` (in the background when async)."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(self.config_dict),
+            ),
+            force=force,
+        )
+
+    def should_save(self, step: int) -> bool:
+        return step % self.cfg.every_steps == 0
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def checkpoint_dir(output_dir: str, cfg: CheckpointConfig) -> str:
+    """`checkpoint.dir`, or `<output_dir>/checkpoints`; local or gs://."""
+    return cfg.dir or output_dir.rstrip("/") + "/checkpoints"
+
+
+def read_config(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The config saved with a checkpoint (the newest one when `step` is None)."""
+    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "config"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -1,0 +1,325 @@
+"""Typed, frozen run configuration.
+
+A run is described by one YAML file that inherits from others with `base:` (a path or
+a list of paths, relative to the file), plus dotted command-line overrides such as
+`train.steps=200`. `configs/base.yml` sets every key, with a comment; the classes
+below give each key a type and no default, so a value has exactly one home.
+
+Errors name the key path: an unknown key comes with the closest valid keys, a bad
+value with what is allowed. They are raised as `ConfigError`, whose message is meant
+to be printed as is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert", "stage")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file or key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------
+# Sections
+
+
+class RunConfig(Section):
+    name: str
+    output_dir: str
+
+
+class LlamaRopeScaling(Section):
+    type: Literal["llama3"]
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "minimal"]
+
+
+class LlamaConfig(Section):
+    """Llama 2/3 dense decoder: GQA, RoPE, SwiGLU, RMSNorm."""
+
+    family: Literal["llama"]
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None  # None: d_model // num_heads
+    mlp_dim: int
+    max_seq_len: int
+    rope_theta: float
+    rope_scaling: LlamaRopeScaling | None
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    attention: Literal["xla", "cudnn"]
+    scan_layers: bool
+    remat: RematPolicy
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "LlamaConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads};"
+                " set head_dim"
+            )
+        return self
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+AxisSpec = str | list[str] | None
+
+
+class ShardingRules(Section):
+    params: dict[str, AxisSpec]
+    activations: dict[str, AxisSpec]
+
+    @model_validator(mode="after")
+    def _known_axes(self) -> "ShardingRules":
+        for table_name in ("params", "activations"):
+            for logical, axes in getattr(self, table_name).items():
+                names = [axes] if isinstance(axes, str) else list(axes or [])
+                for axis in names:
+                    if axis not in MESH_AXES:
+                        raise ValueError(
+                            f"rule {table_name}.{logical} names mesh axis {axis!r}; "
+                            f"mesh axes are {', '.join(MESH_AXES)}"
+                        )
+        return self
+
+
+class MeshConfig(Section):
+    data: int
+    fsdp: int
+    tensor: int
+    sequence: int
+    expert: int
+    stage: int
+    rules: ShardingRules
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "MeshConfig":
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        fills = [a for a, s in sizes.items() if s == -1]
+        if len(fills) > 1:
+            raise ValueError(f"only one axis may be -1, got {', '.join(fills)}")
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{axis}={size}: a size is a positive int or -1")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "text"]
+    seq_len: int
+    path: str | None  # text: a .jsonl, .jsonl.gz or .txt file, or a glob of them
+    text_field: str
+    tokenizer: str | None  # sentencepiece .model file
+    add_eos: bool
+
+
+class TrainConfig(Section):
+    steps: int
+    seed: int
+    global_batch_size: int
+    grad_accum_steps: int
+    lr: float
+    schedule: Literal["cosine", "wsd", "constant"]
+    warmup_steps: int
+    decay_fraction: float  # wsd: last fraction of steps spent decaying
+    min_lr_ratio: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_grad_norm: float | None
+    z_loss: float
+
+    @model_validator(mode="after")
+    def _accum(self) -> "TrainConfig":
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by "
+                f"grad_accum_steps={self.grad_accum_steps}"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    enabled: bool
+    dir: str | None  # None: <run.output_dir>/checkpoints
+    every_steps: int
+    max_to_keep: int | None
+    async_save: bool
+
+
+class LoggingConfig(Section):
+    every_steps: int
+    jsonl: bool
+    tensorboard: bool
+
+
+class SampleConfig(Section):
+    prompts: list[str]
+    max_new_tokens: int
+
+
+class Config(Section):
+    run: RunConfig
+    model: LlamaConfig
+    mesh: MeshConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    sample: SampleConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path: str | Path | list[str | Path], overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Reads `path` with its `base:` chain, applies `a.b=value` overrides, validates.
+
+    A list of paths merges them in order, as a `base:` list does, e.g.
+    `load_config(["configs/base.yml", "configs/models/smollm-135m.yml"])`.
+    """
+    raw: dict[str, Any] = {}
+    for one in path if isinstance(path, list) else [path]:
+        _deep_merge(raw, _read_with_bases(Path(one), seen=()))
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: `base:` loops back on itself ({chain})")
+    if not path.is_file():
+        where = f" (named by `base:` in {seen[-1]})" if seen else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        _deep_merge(merged, _read_with_bases(path.parent / base, (*seen, path)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Pydantic appends the union member or validator name for some errors.
+        loc = [p for p in loc if not p.startswith(("function-", "str", "list[", "none"))]
+        path = ".".join(loc) or "<config>"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.6)
+            parent = ".".join(loc[:-1])
+            named = [f"'{parent}.{c}'" if parent else f"'{c}'" for c in close]
+            hint = f"; did you mean {' or '.join(named)}?" if close else ""
+            lines.append(
+                f"unknown config key {path!r}{hint} (valid keys here: {', '.join(valid)})"
+            )
+        elif kind == "missing":
+            lines.append(
+                f"config key {path!r} is missing: set it, or inherit configs/base.yml"
+                " with `base:`"
+            )
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"config key {path!r}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """Valid field names of the section at `loc`, for did-you-mean hints."""
+    cls: Any = Config
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+        for candidate in getattr(cls, "__args__", ()):  # Optional[Section]
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                cls = candidate
+    return list(getattr(cls, "model_fields", {}))

@@ -1,0 +1,128 @@
+"""Training FLOPs per token, MFU, and the metric writers (stdout, JSONL, TensorBoard).
+
+FLOPs are counted analytically, as model FLOPs (recomputation from remat is not
+counted), per trained token, forward and backward (x3 the forward):
+
+    matmul:    6 * P_matmul, where P_matmul counts every weight matrix that
+               multiplies activations (attention q/k/v/o, MLP, LM head; not the
+               embedding lookup, not norms)
+    attention: 6 * L * T * N * H, i.e. QK^T and AV (2 * 2 * T * N * H forward per
+               token and layer), x3 for the backward, halved for the causal mask
+
+T is the training sequence length. The causal halving follows MaxText: a flash
+kernel skips the masked half, so counting it would overstate MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+
+from maxllm.config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+
+def matmul_params(cfg: LlamaConfig) -> int:
+    D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.mlp_dim
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    return cfg.num_layers * per_layer + D * cfg.vocab_size
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    embed = cfg.vocab_size * cfg.d_model
+    norms = (2 * cfg.num_layers + 1) * cfg.d_model
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    return matmul_params(cfg) - cfg.d_model * cfg.vocab_size + embed + head + norms
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training (forward + backward) model FLOPs per token; see the module docstring."""
+    attn = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
+    return 6.0 * matmul_params(cfg) + attn
+
+
+# Dense peak FLOP/s per chip, (bfloat16, float32). GPU float32 matmuls run as TF32
+# on tensor cores; TPU float32 matmuls run as bfloat16 passes at default precision.
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "h200": (989e12, 494.5e12),
+    "h100 pcie": (756e12, 378e12),
+    "h100": (989e12, 494.5e12),  # SXM
+    "a100": (312e12, 156e12),
+    "tpu v6 lite": (918e12, 918e12),  # v6e
+    "tpu v5 lite": (197e12, 197e12),  # v5e
+    "tpu v5p": (459e12, 459e12),
+    "tpu v5": (459e12, 459e12),
+    "tpu v4": (275e12, 275e12),
+}
+
+
+def peak_flops(device: jax.Device, dtype: Any) -> float | None:
+    """Peak FLOP/s of one device for the compute dtype, or None where unknown (CPU)."""
+    kind = device.device_kind.lower()
+    for name, (bf16, fp32) in PEAK_FLOPS.items():
+        if name in kind:
+            return fp32 if str(dtype) == "float32" else bf16
+    return None
+
+
+class MetricsWriter:
+    """One stdout line, `metrics.jsonl` and TensorBoard scalars per logged step."""
+
+    def __init__(self, output_dir: str | Path, jsonl: bool, tensorboard: bool, stream: TextIO = sys.stdout):
+        self.stream = stream
+        self.jsonl = None
+        self.tb = None
+        if jax.process_index() != 0:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self.jsonl = open(out / "metrics.jsonl", "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.stream.write(_format_line(step, metrics) + "\n")
+        self.stream.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _format_line(step: int, m: dict[str, Any]) -> str:
+    parts = [f"step {step:>6d}"]
+    for key, fmt in (
+        ("loss", "loss {:.4f}"),
+        ("grad_norm", "grad_norm {:.3f}"),
+        ("lr", "lr {:.2e}"),
+        ("tokens_per_sec", "tok/s {:,.0f}"),
+        ("tokens_per_sec_per_device", "tok/s/dev {:,.0f}"),
+        ("mfu", "mfu {:.1%}"),
+        ("tflops_per_sec_per_device", "TFLOP/s/dev {:.3f}"),
+    ):
+        value = m.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(fmt.format(value))
+    return " | ".join(parts)

@@ -1,0 +1,93 @@
+"""Dot-product attention behind one function, with backends.
+
+- `xla`: an explicit einsum with a dense mask; the reference, runs anywhere.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's flash
+  kernel on NVIDIA GPUs (bfloat16/float16 only).
+
+Which keys a query sees is given by segment ids and positions, never by a mask
+the caller builds: a query attends to keys of its own segment at positions not
+after its own. Packed rows therefore never attend across documents, and a decode
+cache (keys at other indices than queries) uses the same rule. Segment id 0 marks
+padding or an empty cache slot; real tokens have ids >= 1.
+
+Letters: B batch, T query length, S key length, N query heads, K kv heads,
+H head dim, G = N // K query heads per kv head.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Backend = Literal["xla", "cudnn"]
+
+
+class AttentionMask(NamedTuple):
+    q_segment_ids: jax.Array  # (B, T) int32
+    q_positions: jax.Array  # (B, T) int32
+    kv_segment_ids: jax.Array  # (B, S) int32
+    kv_positions: jax.Array  # (B, S) int32
+    # True when keys are the queries' own tokens in the same order (training,
+    # prefill without a cache): causality is then by index, which flash kernels use.
+    self_attention: bool
+
+    def dense(self) -> jax.Array:
+        """(B, 1, T, S) boolean: True where the query may attend to the key."""
+        same = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
+        causal = self.kv_positions[:, None, :] <= self.q_positions[:, :, None]
+        return (same & causal)[:, None]
+
+
+def attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask: AttentionMask,
+    backend: Backend = "xla",
+) -> jax.Array:
+    if backend == "xla":
+        return _xla(q_BTNH, k_BSKH, v_BSKH, mask)
+    if backend == "cudnn":
+        return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask)
+    raise ValueError(f"unknown attention backend {backend!r}; use xla or cudnn")
+
+
+def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q_BTNH.dtype)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    )
+    allowed_B11TS = mask.dense()[:, :, None]
+    # A finite minimum, not -inf: a query with no visible key (padding) gets a
+    # uniform average instead of NaN, and its loss is masked anyway.
+    logits_BKGTS = jnp.where(allowed_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention=cudnn needs bfloat16 or float16 activations, got {q_BTNH.dtype}; "
+            "set model.dtype=bfloat16 or model.attention=xla"
+        )
+    return _flash(q_BTNH, k_BSKH, v_BSKH, mask, "cudnn")
+
+
+def _flash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` with our mask semantics; `implementation`
+    is "cudnn" in use and "xla" in tests, which check the mask plumbing on CPU."""
+    if mask.self_attention:
+        # Causal by index inside the kernel; only segment boundaries go in the mask.
+        same_B1TS = (mask.q_segment_ids[:, :, None] == mask.kv_segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=same_B1TS, is_causal=True, implementation=implementation
+        )
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask.dense(), implementation=implementation
+    )

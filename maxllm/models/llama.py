@@ -1,0 +1,201 @@
+"""Llama 2/3 decoder (also SmolLM, which has the same architecture).
+
+    x = embed(tokens)
+    for each layer:  x += attn(rms_norm(x));  x += swiglu(rms_norm(x))
+    logits = lm_head(rms_norm(x))
+
+Attention is grouped-query with rotary embeddings (Llama 3.1 frequency scaling
+optional). The hyperparameters are `maxllm.config.LlamaConfig`. Parameters follow
+Hugging Face's `LlamaForCausalLM` layout up to transposes and head reshapes:
+q_proj.weight (N*H, D) is our wq (D, N, H).
+
+Calling convention shared by every family:
+    model(tokens, positions, segment_ids, cache=None) -> (logits, cache, aux)
+
+Letters: B batch, T query length, S cache length, D model, N heads, K kv heads,
+H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+from flax import nnx
+
+from maxllm.config import LlamaConfig
+from maxllm.mesh import constrain
+from maxllm.models.attention import AttentionMask, attention
+from maxllm.models.layers import (
+    Embed,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    compute_dtype,
+    dense,
+    param,
+    remat,
+    rope_inv_freq,
+)
+
+Cache = dict[str, jax.Array]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        std = cfg.init_std
+        self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, stack=stack)
+        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, stack=stack)
+        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, stack=stack)
+        self.wo = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), std=std, stack=stack)
+        self.cfg = cfg
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array,
+        kv_cache: Cache | None,
+    ) -> tuple[jax.Array, Cache | None]:
+        dt = x_BTD.dtype
+        q_BTNH = dense(x_BTD, self.wq[...].astype(dt))
+        k_BTKH = dense(x_BTD, self.wk[...].astype(dt))
+        v_BTKH = dense(x_BTD, self.wv[...].astype(dt))
+        q_BTNH = checkpoint_name(q_BTNH, "query_proj")
+        k_BTKH = checkpoint_name(k_BTKH, "key_proj")
+        v_BTKH = checkpoint_name(v_BTKH, "value_proj")
+        q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        k_BTKH = constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        inv_freq = rope_inv_freq(self.cfg.head_size, self.cfg.rope_theta, self.cfg.rope_scaling)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+        k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+        if kv_cache is None:
+            mask = AttentionMask(segment_ids_BT, positions_BT, segment_ids_BT, positions_BT, True)
+            out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, self.cfg.attention)
+        else:
+            index_B = kv_cache["index"]
+            k_BSKH = _write_rows(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), index_B)
+            v_BSKH = _write_rows(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), index_B)
+            mask = AttentionMask(
+                segment_ids_BT,
+                positions_BT,
+                kv_cache["segment_ids"],
+                kv_cache["positions"],
+                False,
+            )
+            out_BTNH = attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, "xla")
+            kv_cache = {**kv_cache, "k": k_BSKH, "v": v_BSKH}
+        out_BTNH = checkpoint_name(out_BTNH, "attn_out")
+        out_BTD = dense(out_BTNH, self.wo[...].astype(dt), contract=2)
+        return out_BTD, kv_cache
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, stack=stack)
+        self.attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, stack=stack)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.init_std, rngs=rngs, stack=stack)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache):
+        h_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, kv_cache)
+        x_BTD = constrain(x_BTD + h_BTD, ("batch", "length", "embed"))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, ("batch", "length", "embed")), kv_cache
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, rngs=rngs)
+        self.layers = Block(cfg, rngs=rngs, stack=(cfg.num_layers,))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
+        """Logits (B, T, V) in float32, the updated cache (or None), aux losses ({})."""
+        cfg = self.cfg
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones_like(tokens_BT)
+        x_BTD = self.embed(tokens_BT, compute_dtype(cfg.dtype))
+        if cache is not None:
+            cache = _cache_append_meta(cache, positions_BT, segment_ids_BT)
+        x_BTD, cache = self._run_layers(x_BTD, positions_BT, segment_ids_BT, cache)
+        x_BTD = self.final_norm(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = self.embed.attend(x_BTD)
+        else:
+            head_DV = self.lm_head[...].astype(x_BTD.dtype)
+            logits_BTV = dense(x_BTD, head_DV, preferred_element_type=jnp.float32)
+        logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
+        if cache is not None:
+            cache = {**cache, "index": cache["index"] + jnp.sum(segment_ids_BT != 0, axis=1)}
+        return logits_BTV, cache, {}
+
+    def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache):
+        """Scans (or loops) one block over the stacked layer parameters."""
+        graphdef, stacked = nnx.split(self.layers)
+        shared = None if cache is None else {k: cache[k] for k in ("positions", "segment_ids", "index")}
+
+        def body(x_BTD, layer):
+            params, kv = layer
+            block = nnx.merge(graphdef, params)
+            kv_cache = None if kv is None else {**shared, **kv}
+            x_BTD, kv_cache = block(x_BTD, positions_BT, segment_ids_BT, kv_cache)
+            return x_BTD, (None if kv_cache is None else {"k": kv_cache["k"], "v": kv_cache["v"]})
+
+        body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
+        per_layer = (stacked, None if cache is None else {"k": cache["k"], "v": cache["v"]})
+        if self.cfg.scan_layers:
+            x_BTD, kv = jax.lax.scan(body, x_BTD, per_layer)
+        else:
+            outs = []
+            for i in range(self.cfg.num_layers):
+                x_BTD, kv_i = body(x_BTD, jax.tree.map(lambda a: a[i], per_layer))
+                outs.append(kv_i)
+            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        if cache is not None:
+            cache = {**cache, **kv}
+        return x_BTD, cache
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
+        """An empty decode cache: per-layer keys and values plus, per row, the
+        positions and segment ids of what is stored and the next write index."""
+        cfg = self.cfg
+        dtype = dtype or compute_dtype(cfg.dtype)
+        kv_shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size)
+        return {
+            "k": jnp.zeros(kv_shape, dtype),
+            "v": jnp.zeros(kv_shape, dtype),
+            "positions": jnp.zeros((batch, length), jnp.int32),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((batch,), jnp.int32),
+        }
+
+
+def _write_rows(buf_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array) -> jax.Array:
+    """Writes each row's new entries at that row's own index."""
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(
+        buf_BS_, new_BT_, index_B
+    )
+
+
+def _cache_append_meta(cache: Cache, positions_BT, segment_ids_BT) -> Cache:
+    index_B = cache["index"]
+    return {
+        **cache,
+        "positions": _write_rows(cache["positions"], positions_BT.astype(jnp.int32), index_B),
+        "segment_ids": _write_rows(cache["segment_ids"], segment_ids_BT.astype(jnp.int32), index_B),
+    }

@@ -1,0 +1,379 @@
+"""Pre-training entry point.
+
+    python -m maxllm.train --config configs/quickstart.yml [section.key=value ...]
+
+Builds the mesh, the model and optimizer state (sharded by the rules table), the
+data source and the checkpointer; resumes from the newest complete checkpoint in
+the run directory; runs one jitted step per batch with the state donated; logs,
+checkpoints on a cadence, saves on SIGTERM and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxllm import data as data_lib
+from maxllm.checkpoint import Checkpointer, checkpoint_dir
+from maxllm.config import Config, ConfigError, load_config
+from maxllm.mesh import (
+    activation_rules,
+    batch_sharding,
+    format_rules,
+    make_mesh,
+    maybe_initialize_distributed,
+    param_shardings,
+)
+from maxllm.metrics import MetricsWriter, flops_per_token, param_count, peak_flops
+from maxllm.models import build_model
+from maxllm.models.layers import compute_dtype
+from maxllm.optim import build_optimizer, learning_rate_schedule
+from maxllm.sample import greedy_generate
+
+log = logging.getLogger("maxllm.train")
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run leaves in memory: losses by step (this process's run only)."""
+
+    losses: dict[int, float]
+    state: State
+    graphdef: nnx.GraphDef
+    start_step: int
+    samples: list[str]
+
+
+# ---------------------------------------------------------------------------------
+# State
+
+
+def init_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, State, Any, optax.GradientTransformation]:
+    """The sharded train state, built on device under jit: no host copy of the model."""
+    tx = build_optimizer(cfg.train)
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, cfg.train.seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    p_shardings = param_shardings(abstract_params, cfg.mesh.rules.params, mesh)
+
+    def init() -> State:
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, cfg.train.seed)))
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+        }
+
+    abstract_state = jax.eval_shape(init)
+    shardings = _state_shardings(abstract_state, p_shardings, mesh)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings, tx
+
+
+def _state_shardings(abstract_state: State, p_shardings: dict, mesh: Mesh) -> State:
+    """Parameters by the rules table; optimizer moments like the parameter they
+    track (matched by path suffix and shape); everything else replicated."""
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
+        by_path[tuple(k.key for k in path)] = sharding
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        for i in range(len(keys)):
+            sharding = by_path.get(tuple(keys[i:]))
+            if sharding is not None and len(sharding.spec) <= leaf.ndim:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+# ---------------------------------------------------------------------------------
+# Step
+
+
+def make_train_step(
+    cfg: Config,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    state_shardings: State,
+    input_sharding: NamedSharding,
+) -> Callable[[State, dict], tuple[State, dict]]:
+    schedule = learning_rate_schedule(cfg.train)
+    accum = cfg.train.grad_accum_steps
+    z_coef = cfg.train.z_loss
+
+    def loss_sums(params, batch):
+        """Sum of token losses (+ z-loss and aux terms) and the token count."""
+        model = nnx.merge(graphdef, params)
+        logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        mask_BT = batch["loss_mask"]
+        lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+        target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+        nll = jnp.sum((lse_BT - target_BT) * mask_BT)
+        count = jnp.sum(mask_BT)
+        total = nll + z_coef * jnp.sum(jnp.square(lse_BT) * mask_BT)
+        total += sum(aux.values(), jnp.zeros(())) * count
+        return total, (nll, count)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def grads_and_sums(params, batch):
+        if accum == 1:
+            (_, (nll, count)), grads = grad_fn(params, batch)
+            return grads, nll, count
+
+        def split(x_BT):
+            # Microbatch a takes rows a, a+accum, ...: each device keeps an equal share.
+            x = x_BT.reshape(x_BT.shape[0] // accum, accum, *x_BT.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(input_sharding.mesh, PartitionSpec(None, *input_sharding.spec))
+            )
+
+        def body(carry, micro):
+            grads, nll, count = carry
+            (_, (n, c)), g = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grads, g), nll + n, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()))
+        (grads, nll, count), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
+        return grads, nll, count
+
+    def step(state: State, batch: dict) -> tuple[State, dict]:
+        grads, nll, count = grads_and_sums(state["params"], batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": nll / count,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    batch_shardings = {k: input_sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Loop
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save and exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def install(self) -> None:
+        if threading_main():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+        self.received = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Throughput:
+    """Tokens/s and FLOP/s between logged steps, from host wall time."""
+
+    def __init__(self, cfg: Config, tokens_per_step: int, num_devices: int):
+        self.tokens_per_step = tokens_per_step
+        self.num_devices = num_devices
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops(jax.devices()[0], compute_dtype(cfg.model.dtype))
+        self.mark: tuple[int, float] | None = None
+
+    def start(self, step: int) -> None:
+        self.mark = (step, time.perf_counter())
+
+    def measure(self, step: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        if self.mark is None or step <= self.mark[0]:
+            return {}
+        tokens = (step - self.mark[0]) * self.tokens_per_step
+        per_sec = tokens / (now - self.mark[1])
+        self.mark = (step, now)
+        per_device = per_sec / self.num_devices
+        flops = per_device * self.flops_per_token
+        return {
+            "tokens_per_sec": per_sec,
+            "tokens_per_sec_per_device": per_device,
+            "tflops_per_sec_per_device": flops / 1e12,
+            "mfu": flops / self.peak if self.peak else None,
+        }
+
+
+def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
+    """Runs (or resumes) the training described by `cfg`."""
+    mesh = make_mesh(cfg.mesh, devices)
+    out_dir = cfg.run.output_dir
+    if jax.process_index() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.yml").write_text(cfg.to_yaml())
+    log.info("%s", format_rules(cfg.mesh.rules, mesh))
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    # The microbatch must split over the batch axes too; this raises if it does not.
+    batch_sharding(cfg.mesh.rules.activations, mesh, (B // cfg.train.grad_accum_steps, T))
+    input_sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (B, T))
+
+    with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
+        graphdef, state, shardings, tx = init_train_state(cfg, mesh)
+        _log_params(cfg, state["params"])
+        source, tokenizer = data_lib.make_source(cfg.data, cfg.model.vocab_size, cfg.train.seed, B)
+        step_fn = make_train_step(cfg, graphdef, tx, shardings, input_sharding)
+        checkpointer = None
+        start = 0
+        if cfg.checkpoint.enabled:
+            checkpointer = Checkpointer(checkpoint_dir(out_dir, cfg.checkpoint), cfg.checkpoint, cfg.to_dict())
+            latest = checkpointer.latest_step()
+            if latest is not None:
+                abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+                state = checkpointer.restore(latest, abstract)
+                start = latest
+                log.info("resumed from checkpoint step %d in %s", latest, checkpointer.directory)
+        try:
+            state, losses, preempted = _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start)
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()
+    if preempted:
+        raise Preempted()
+    samples = _sample(cfg, graphdef, state["params"], tokenizer)
+    return RunResult(losses, state, graphdef, start, samples)
+
+
+def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> tuple[State, dict[int, float], bool]:
+    """Steps from `start` to `train.steps`; returns the state, the losses by step, and
+    whether a SIGTERM stopped it (after saving)."""
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard)
+    throughput = _Throughput(cfg, B * T, len(input_sharding.mesh.devices.flat))
+    preemption = _Preemption()
+    preemption.install()
+    losses: dict[int, float] = {}
+    pending: tuple[int, dict] | None = None
+
+    def flush():
+        step, metrics = pending
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        losses[step] = values["loss"]
+        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
+            writer.write(step, {**values, **throughput.measure(step)})
+
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = data_lib.global_batch(source, step, input_sharding, (B, T))
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if step == start:  # the first step includes compilation: time from its end
+                jax.block_until_ready(metrics)
+                throughput.start(done)
+            if pending is not None:
+                flush()  # the previous step's metrics, read while this one runs
+            pending = (done, metrics)
+            if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps):
+                checkpointer.save(done, state)
+            if preemption.received:
+                if checkpointer is not None:
+                    checkpointer.save(done, state, force=True)
+                    checkpointer.wait()
+                log.warning("stopped by SIGTERM after step %d; checkpoint saved", done)
+                break
+        if pending is not None:
+            flush()
+    finally:
+        writer.close()
+        preemption.uninstall()
+    return state, losses, preemption.received
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM was handled; `main` turns it into exit code 0."""
+
+
+def _log_params(cfg: Config, params: dict) -> None:
+    log.info("model: %s, %.2fM parameters", cfg.model.family, param_count(cfg.model) / 1e6)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(k.key) for k in path)
+        log.info("  %-28s %-22s %s", name, str(tuple(leaf.shape)), leaf.sharding.spec)
+
+
+def _sample(cfg: Config, graphdef, params, tokenizer) -> list[str]:
+    if not cfg.sample.prompts or tokenizer is None:
+        return []
+    prompts = [tokenizer.encode(p) for p in cfg.sample.prompts]
+    outs = greedy_generate(graphdef, params, prompts, cfg.sample.max_new_tokens, tokenizer.eos_id)
+    texts = [tokenizer.decode(ids) for ids in outs]
+    if jax.process_index() == 0:
+        print("\ngreedy continuations:")
+        for prompt, text in zip(cfg.sample.prompts, texts):
+            print(f"  {prompt!r} -> {text!r}")
+    return texts
+
+
+# ---------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maxllm.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        maybe_initialize_distributed()
+        train(cfg)
+    except (ConfigError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Test setup: 8 CPU devices and a persistent compilation cache, both set before
+JAX is imported anywhere."""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from maxllm.config import Config, load_config  # noqa: E402
+
+TINY = ROOT / "tests" / "configs" / "tiny.yml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 CPU devices (XLA_FLAGS set too late?)"
+
+
+@pytest.fixture
+def tiny():
+    """Factory: the tiny test config with `section.key=value` overrides."""
+
+    def make(*overrides: str) -> Config:
+        return load_config(TINY, list(overrides))
+
+    return make
