@@ -15,6 +15,7 @@ A batch is a dict of (B, T) arrays:
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -142,7 +143,9 @@ class TextSource:
             len(ids), len(self.tokens), self.num_windows, self.seq_len,
         )
 
+    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
+        """The window order of one epoch: a fresh permutation per (seed, epoch)."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 
     def rows(self, step: int, start: int, stop: int) -> Batch:

@@ -311,11 +311,12 @@ def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> t
             if pending is not None:
                 flush()  # the previous step's metrics, read while this one runs
             pending = (done, metrics)
-            if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps):
-                checkpointer.save(done, state)
+            if checkpointer is not None and (
+                checkpointer.should_save(done) or done == cfg.train.steps or preemption.received
+            ):
+                checkpointer.save(done, state, force=preemption.received)
             if preemption.received:
                 if checkpointer is not None:
-                    checkpointer.save(done, state, force=True)
                     checkpointer.wait()
                 log.warning("stopped by SIGTERM after step %d; checkpoint saved", done)
                 break
@@ -355,14 +356,22 @@ def _sample(cfg: Config, graphdef, params, tokenizer) -> list[str]:
 # CLI
 
 
+def _log_to_stderr() -> None:
+    """maxllm's INFO lines on stderr (some dependency already owns the root logger)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("maxllm")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maxllm.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _log_to_stderr()
     try:
         cfg = load_config(args.config, args.overrides)
         maybe_initialize_distributed()

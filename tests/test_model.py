@@ -208,5 +208,5 @@ def test_logits_match_transformers_llama(tiny, tied, scaling):
     tokens = _tokens(2, 24, cfg.vocab_size)
     ours, _, _ = model(tokens, _positions(2, 24))
     with torch.no_grad():
-        theirs = hf(torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
+        theirs = hf(torch.from_numpy(np.array(tokens)).long()).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5, rtol=1e-5)

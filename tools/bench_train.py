@@ -1,0 +1,223 @@
+"""Training throughput: maxllm against transformers' LlamaForCausalLM (PyTorch), same
+model shape, batch, sequence length and dtype, in one run.
+
+    python tools/bench_train.py                       # CPU: quickstart and SmolLM-135M shapes
+    python tools/bench_train.py --presets llama3.2-1b --dtype bfloat16 \
+        --attention cudnn --seq-len 4096 --batch 8 --no-torch    # one GPU: MFU
+
+Each side runs in its own subprocess (no shared thread pools or allocator), steps
+`--warmup` times, then times `--steps` full optimizer steps (forward, backward,
+clipping, AdamW) on random tokens. Prints a table and writes JSON (`--out`).
+Throughput is tokens/s; MFU uses maxllm.metrics' FLOPs formula for both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Model shapes measured by default on CPU, with the batch and length that keep one
+# step under ~20 s on two cores.
+DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512)}
+
+
+def _model_config(preset: str, args) -> object:
+    from maxllm.config import load_config
+
+    paths = [ROOT / "configs" / "base.yml"]
+    paths.append(ROOT / "configs" / ("quickstart.yml" if preset == "quickstart" else f"models/{preset}.yml"))
+    overrides = [f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat={args.remat}"]
+    if args.scan is not None:
+        overrides.append(f"model.scan_layers={args.scan}")
+    return load_config(paths, overrides)
+
+
+def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
+    import jax
+    import numpy as np
+
+    from maxllm import data as data_lib
+    from maxllm import train as train_lib
+    from maxllm.mesh import activation_rules, batch_sharding, make_mesh
+
+    cfg = _model_config(preset, args)
+    cfg = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"seq_len": seq, "source": "synthetic"}),
+        "train": cfg.train.model_copy(update={"global_batch_size": batch}),
+    })
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
+        graphdef, state, shardings, tx = train_lib.init_train_state(cfg, mesh)
+        sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (batch, seq))
+        step_fn = train_lib.make_train_step(cfg, graphdef, tx, shardings, sharding)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq + 1))
+        host = {
+            "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq), (batch, seq)),
+            "segment_ids": np.ones((batch, seq)), "loss_mask": np.ones((batch, seq)),
+        }
+        batch_arrays = {
+            k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32), sharding)
+            for k, v in host.items()
+        }
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            state, metrics = step_fn(state, batch_arrays)
+        jax.block_until_ready(metrics)
+        compile_and_warmup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step_fn(state, batch_arrays)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - t0) / args.steps
+    from maxllm.metrics import peak_flops
+    from maxllm.models.layers import compute_dtype
+
+    peak = peak_flops(jax.devices()[0], compute_dtype(cfg.model.dtype))
+    return _result(cfg, batch, seq, seconds, jax.device_count(), jax.devices()[0].device_kind, peak,
+                   loss=float(metrics["loss"]), warmup_s=compile_and_warmup)
+
+
+def run_torch(preset: str, batch: int, seq: int, args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = _model_config(preset, args)
+    m = cfg.model
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads, head_dim=m.head_size, rms_norm_eps=m.norm_eps,
+        max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
+        rope_parameters=rope,
+    )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
+    model = LlamaForCausalLM(hf_cfg).to(dtype).train()
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
+    tokens = torch.randint(0, m.vocab_size, (batch, seq))
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    seconds = (time.perf_counter() - t0) / args.steps
+    return _result(cfg, batch, seq, seconds, 1, f"cpu ({torch.get_num_threads()} threads)", None,
+                   loss=float(loss), warmup_s=warmup, attn=model.config._attn_implementation)
+
+
+def _result(cfg, batch, seq, seconds, devices, device_kind, peak, **extra) -> dict:
+    from maxllm.metrics import flops_per_token, param_count
+
+    tokens_per_sec = batch * seq / seconds
+    flops = tokens_per_sec * flops_per_token(cfg.model, seq) / devices
+    return {
+        "params": param_count(cfg.model), "batch": batch, "seq_len": seq, "dtype": cfg.model.dtype,
+        "step_seconds": seconds, "tokens_per_sec": tokens_per_sec,
+        "tflops_per_sec_per_device": flops / 1e12, "mfu": flops / peak if peak else None,
+        "device": device_kind, **extra,
+    }
+
+
+def _child(args) -> None:
+    fn = run_maxllm if args.child == "maxllm" else run_torch
+    print("RESULT " + json.dumps(fn(args.preset, args.batch, args.seq_len, args)))
+
+
+def _spawn(side: str, preset: str, batch: int, seq: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--preset", preset, "--batch", str(batch),
+           "--seq-len", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--dtype", args.dtype, "--attention", args.attention, "--remat", args.remat]
+    if args.scan is not None:
+        cmd += ["--scan", args.scan]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{side} {preset} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default=",".join(DEFAULTS))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention", default="xla")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--scan", choices=["true", "false"], help="override model.scan_layers")
+    parser.add_argument("--no-torch", action="store_true", help="maxllm only (e.g. on a GPU)")
+    parser.add_argument("--out", default="bench_results/bench_train.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return _child(args)
+
+    rows = []
+    for preset in args.presets.split(","):
+        batch, seq = DEFAULTS.get(preset, (8, 2048))
+        batch, seq = args.batch or batch, args.seq_len or seq
+        row = {"preset": preset, "maxllm": _spawn("maxllm", preset, batch, seq, args)}
+        if not args.no_torch:
+            row["pytorch"] = _spawn("torch", preset, batch, seq, args)
+            row["ratio"] = row["maxllm"]["tokens_per_sec"] / row["pytorch"]["tokens_per_sec"]
+        rows.append(row)
+        _print_row(row)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _print_row(row) -> None:
+    m = row["maxllm"]
+    line = (f"{row['preset']:<14} {m['params'] / 1e6:7.1f}M  B={m['batch']} T={m['seq_len']} {m['dtype']}"
+            f"  maxllm {m['tokens_per_sec']:9,.0f} tok/s {m['tflops_per_sec_per_device']:.3f} TFLOP/s/dev")
+    if m["mfu"] is not None:
+        line += f" MFU {m['mfu']:.1%}"
+    if "pytorch" in row:
+        p = row["pytorch"]
+        line += f"  |  pytorch {p['tokens_per_sec']:9,.0f} tok/s  |  ratio {row['ratio']:.2f}"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
