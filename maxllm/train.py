@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,7 +102,7 @@ def _state_shardings(abstract_state: State, p_shardings: dict, mesh: Mesh) -> St
             keys.insert(0, entry.key)
         for i in range(len(keys)):
             sharding = by_path.get(tuple(keys[i:]))
-            if sharding is not None and len(sharding.spec) <= leaf.ndim:
+            if sharding is not None:
                 return sharding
         return replicated
 
@@ -195,7 +196,8 @@ class _Preemption:
         self._previous = None
 
     def install(self) -> None:
-        if threading_main():
+        # Signal handlers can only be set from the main thread (not, e.g., in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -205,12 +207,6 @@ class _Preemption:
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class _Throughput:

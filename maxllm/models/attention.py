@@ -57,17 +57,29 @@ def attention(
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q_BTNH.dtype)
-    logits_BKGTS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-    )
+    # Put the batch-like dims (B, K) first and keep (G, T) in that order on both
+    # einsums, so only the small q/k/v/out tensors are transposed, never the
+    # (B, K, G, T, S) scores.
+    q_BKGTH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H)
+    q_BKGTH = q_BKGTH.transpose(0, 2, 3, 1, 4)
+    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+    v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+    logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     allowed_B11TS = mask.dense()[:, :, None]
     # A finite minimum, not -inf: a query with no visible key (padding) gets a
     # uniform average instead of NaN, and its loss is masked anyway.
     logits_BKGTS = jnp.where(allowed_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(B, T, N, H)
+    # Softmax with the normalization applied after the AV product: one pass less
+    # over the scores (the division runs on the H-wide output instead).
+    peak_BKGT1 = jax.lax.stop_gradient(jnp.max(logits_BKGTS, axis=-1, keepdims=True))
+    weights_BKGTS = jnp.exp(logits_BKGTS - peak_BKGT1)
+    total_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
+    out_BKGTH = jnp.einsum(
+        "BKGTS,BKSH->BKGTH", weights_BKGTS.astype(v_BSKH.dtype), v_BKSH,
+        preferred_element_type=jnp.float32,
+    )
+    out_BKGTH = (out_BKGTH / total_BKGT1).astype(v_BSKH.dtype)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
