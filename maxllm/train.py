@@ -113,6 +113,21 @@ def _state_shardings(abstract_state: State, p_shardings: dict, mesh: Mesh) -> St
 # Step
 
 
+def token_loss_sums(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, z_loss: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(objective, cross-entropy, token count), summed over tokens where mask is 1.
+
+    The objective adds `z_loss * logsumexp(logits)^2` per token (PaLM's z-loss).
+    Sums, not means, so microbatches add up to exactly the full batch."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll = jnp.sum((lse_BT - target_BT) * mask_BT)
+    total = nll + z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT)
+    return total, nll, jnp.sum(mask_BT)
+
+
 def make_train_step(
     cfg: Config,
     graphdef: nnx.GraphDef,
@@ -125,16 +140,10 @@ def make_train_step(
     z_coef = cfg.train.z_loss
 
     def loss_sums(params, batch):
-        """Sum of token losses (+ z-loss and aux terms) and the token count."""
         model = nnx.merge(graphdef, params)
         logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        mask_BT = batch["loss_mask"]
-        lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-        target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-        nll = jnp.sum((lse_BT - target_BT) * mask_BT)
-        count = jnp.sum(mask_BT)
-        total = nll + z_coef * jnp.sum(jnp.square(lse_BT) * mask_BT)
-        total += sum(aux.values(), jnp.zeros(())) * count
+        total, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_coef)
+        total += sum(aux.values(), jnp.zeros(())) * count  # aux losses are per-token means
         return total, (nll, count)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)

@@ -109,16 +109,17 @@ def test_sigterm_saves_a_usable_checkpoint_and_exits_0(tmp_path):
 
 def test_unfinished_checkpoint_is_skipped_with_a_warning(tiny, tmp_path, caplog):
     common = [f"run.output_dir={tmp_path}", "checkpoint.enabled=true", "checkpoint.every_steps=2",
-              "checkpoint.async_save=false"]
-    train(tiny(*common, "train.steps=4"))
+              "checkpoint.async_save=false", "checkpoint.max_to_keep=2"]
+    train(tiny(*common, "train.steps=6"))
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
-    # Make step 4 look like a save cut short: Orbax's temporary name, a file missing.
-    unfinished = ckpts / "4.orbax-checkpoint-tmp"
-    os.rename(ckpts / "4", unfinished)
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4", "6"]  # max_to_keep
+    # Make step 6 look like a save cut short: Orbax's temporary name, a part missing.
+    unfinished = ckpts / "6.orbax-checkpoint-tmp"
+    os.rename(ckpts / "6", unfinished)
     shutil.rmtree(next(p for p in unfinished.iterdir() if p.is_dir()))
     with caplog.at_level(logging.INFO):
-        result = train(tiny(*common, "train.steps=5"))
+        result = train(tiny(*common, "train.steps=7"))
     assert "skipping unfinished checkpoint" in caplog.text
-    assert result.start_step == 2
-    assert sorted(result.losses) == [3, 4, 5]
+    assert result.start_step == 4
+    assert sorted(result.losses) == [5, 6, 7]
+    assert not unfinished.exists()

@@ -5,6 +5,7 @@ import optax
 import pytest
 
 from maxllm.optim import build_optimizer, decay_mask, learning_rate_schedule
+from maxllm.train import token_loss_sums
 
 
 def test_weight_decay_spares_norms_and_biases(tiny):
@@ -69,3 +70,17 @@ def test_schedules(tiny):
     constant = learning_rate_schedule(tiny(*common, "train.schedule=constant").train)
     assert float(constant(5)) == pytest.approx(0.5)
     assert [float(constant(s)) for s in (10, 50, 100)] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_token_loss_sums_by_hand():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    targets = rng.integers(0, 5, (2, 3))
+    mask = np.array([[1, 1, 0], [1, 0, 1]], np.float32)
+    total, nll, count = token_loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), 1e-2)
+    lse = np.log(np.exp(logits).sum(-1))
+    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    expected_nll = ((lse - picked) * mask).sum()
+    assert float(count) == 4
+    np.testing.assert_allclose(float(nll), expected_nll, rtol=1e-6)
+    np.testing.assert_allclose(float(total), expected_nll + 1e-2 * (lse**2 * mask).sum(), rtol=1e-6)
