@@ -14,14 +14,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from maxllm.config import CheckpointConfig
+from maxllm.config import CheckpointConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointMismatch(ConfigError):
+    """The newest checkpoint's tree does not match the state the config builds."""
 
 
 class Checkpointer:
@@ -37,9 +42,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=cfg.async_save,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "config")
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
     def _warn_unfinished(self) -> None:
         if not self.directory.exists():
@@ -56,10 +59,30 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, step: int, abstract_state: Any) -> Any:
+        """The state saved at `step`, laid out like `abstract_state` (shapes, shardings)."""
+        self._check_params(step, abstract_state["params"])
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored["state"]
+
+    def _check_params(self, step: int, abstract_params: Any) -> None:
+        """Compares saved parameter names and shapes with the config's before reading."""
+        saved_meta = self.manager.item_metadata(step)["state"]["params"]
+        saved = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(saved_meta)}
+        wanted = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(abstract_params)}
+        if saved == wanted:
+            return
+        diffs = [
+            f"{k}: saved {saved.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
+            for k in sorted(set(saved) | set(wanted))
+            if saved.get(k) != wanted.get(k)
+        ]
+        raise CheckpointMismatch(
+            f"{self.directory}/{step}: the checkpoint's parameters do not fit this config "
+            f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); resume with the config "
+            "it was saved with, or set run.output_dir to a new directory"
+        )
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         """Starts a save of `state` at `step` (in the background when async)."""
@@ -90,8 +113,16 @@ def checkpoint_dir(output_dir: str, cfg: CheckpointConfig) -> str:
 
 def read_config(directory: str, step: int | None = None) -> dict[str, Any]:
     """The config saved with a checkpoint (the newest one when `step` is None)."""
-    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "config"))
+    manager = ocp.CheckpointManager(epath.Path(directory), item_handlers=_handlers())
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+
+
+def _flat(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -123,3 +123,12 @@ def test_unfinished_checkpoint_is_skipped_with_a_warning(tiny, tmp_path, caplog)
     assert result.start_step == 4
     assert sorted(result.losses) == [5, 6, 7]
     assert not unfinished.exists()
+
+
+def test_resuming_with_another_model_is_a_clear_error(tiny, tmp_path):
+    from maxllm.checkpoint import CheckpointMismatch
+
+    common = [f"run.output_dir={tmp_path}", "checkpoint.enabled=true", "checkpoint.async_save=false", "train.steps=2"]
+    train(tiny(*common))
+    with pytest.raises(CheckpointMismatch, match=r"\['embed'\]\['table'\]: saved \(512, 64\), config \(512, 128\)"):
+        train(tiny(*common, "model.d_model=128", "train.steps=3"))
