@@ -111,15 +111,6 @@ def checkpoint_dir(output_dir: str, cfg: CheckpointConfig) -> str:
     return cfg.dir or output_dir.rstrip("/") + "/checkpoints"
 
 
-def read_config(directory: str, step: int | None = None) -> dict[str, Any]:
-    """The config saved with a checkpoint (the newest one when `step` is None)."""
-    manager = ocp.CheckpointManager(epath.Path(directory), item_handlers=_handlers())
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert", "stage")
 
@@ -44,7 +44,7 @@ class LlamaRopeScaling(Section):
     factor: float
     low_freq_factor: float
     high_freq_factor: float
-    original_max_position_embeddings: int
+    original_max_position_embeddings: PositiveInt
 
 
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "minimal"]
@@ -54,14 +54,14 @@ class LlamaConfig(Section):
     """Llama 2/3 dense decoder: GQA, RoPE, SwiGLU, RMSNorm."""
 
     family: Literal["llama"]
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None  # None: d_model // num_heads
-    mlp_dim: int
-    max_seq_len: int
+    vocab_size: PositiveInt
+    d_model: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt | None  # None: d_model // num_heads
+    mlp_dim: PositiveInt
+    max_seq_len: PositiveInt
     rope_theta: float
     rope_scaling: LlamaRopeScaling | None
     norm_eps: float
@@ -135,7 +135,7 @@ class MeshConfig(Section):
 
 class DataConfig(Section):
     source: Literal["synthetic", "text"]
-    seq_len: int
+    seq_len: PositiveInt
     path: str | None  # text: a .jsonl, .jsonl.gz or .txt file, or a glob of them
     text_field: str
     tokenizer: str | None  # sentencepiece .model file
@@ -143,13 +143,13 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int
+    steps: PositiveInt
     seed: int
-    global_batch_size: int
-    grad_accum_steps: int
+    global_batch_size: PositiveInt
+    grad_accum_steps: PositiveInt
     lr: float
     schedule: Literal["cosine", "wsd", "constant"]
-    warmup_steps: int
+    warmup_steps: NonNegativeInt
     decay_fraction: float  # wsd: last fraction of steps spent decaying
     min_lr_ratio: float
     b1: float
@@ -172,20 +172,20 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     enabled: bool
     dir: str | None  # None: <run.output_dir>/checkpoints
-    every_steps: int
-    max_to_keep: int | None
+    every_steps: PositiveInt
+    max_to_keep: PositiveInt | None
     async_save: bool
 
 
 class LoggingConfig(Section):
-    every_steps: int
+    every_steps: PositiveInt
     jsonl: bool
     tensorboard: bool
 
 
 class SampleConfig(Section):
     prompts: list[str]
-    max_new_tokens: int
+    max_new_tokens: PositiveInt
 
 
 class Config(Section):
@@ -197,6 +197,14 @@ class Config(Section):
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     sample: SampleConfig
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "Config":
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -15,7 +15,6 @@ A batch is a dict of (B, T) arrays:
 
 from __future__ import annotations
 
-import functools
 import glob
 import gzip
 import json
@@ -55,10 +54,6 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self.sp.eos_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
 
     def encode(self, text: str | list[str]) -> list[int] | list[list[int]]:
         return self.sp.encode(text)
@@ -104,7 +99,7 @@ class SyntheticSource:
     """Packed rows of random documents, each a short random phrase repeated, so a
     model can learn them (induction) and the loss falls."""
 
-    def __init__(self, cfg: DataConfig, vocab_size: int, seed: int, batch_size: int):
+    def __init__(self, cfg: DataConfig, vocab_size: int, seed: int):
         self.seq_len, self.vocab, self.seed = cfg.seq_len, vocab_size, seed
 
     def _row(self, step: int, row: int) -> Batch:
@@ -136,6 +131,7 @@ class TextSource:
         self.tokens = np.concatenate([np.asarray(d, np.int32) for d in ids])
         self.doc_ids = np.repeat(np.arange(len(ids), dtype=np.int64), [len(d) for d in ids])
         self.num_windows = (len(self.tokens) - 1) // self.seq_len
+        self._order: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, permutation)
         if self.num_windows < 1:
             raise DataError(f"{cfg.path}: {len(self.tokens)} tokens, fewer than one row")
         log.info(
@@ -143,18 +139,19 @@ class TextSource:
             len(ids), len(self.tokens), self.num_windows, self.seq_len,
         )
 
-    @functools.lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> np.ndarray:
-        """The window order of one epoch: a fresh permutation per (seed, epoch)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+    def window_index(self, step: int, row: int) -> int:
+        """Which window row `row` of step `step` reads: global sample i = step * B + row
+        goes to epoch i // W, and takes that epoch's permutation at i % W."""
+        epoch, offset = divmod(step * self.batch_size + row, self.num_windows)
+        if self._order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order = (epoch, order)
+        return int(self._order[1][offset])
 
     def rows(self, step: int, start: int, stop: int) -> Batch:
         out = []
         for row in range(start, stop):
-            index = step * self.batch_size + row
-            epoch, offset = divmod(index, self.num_windows)
-            window = self._order(epoch)[offset]
-            begin = window * self.seq_len
+            begin = self.window_index(step, row) * self.seq_len
             sl = slice(begin, begin + self.seq_len + 1)
             out.append(pack_window(self.tokens[sl], self.doc_ids[sl]))
         return _stack(out)
@@ -170,7 +167,7 @@ def _read_documents(cfg: DataConfig):
             raise DataError(f"{path}: data file not found (data.path={cfg.path!r})")
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
-            if ".jsonl" not in path.name and ".json" not in path.name:
+            if ".json" not in path.name:  # .json, .jsonl, .jsonl.gz: one JSON record a line
                 yield f.read()
                 continue
             for lineno, line in enumerate(f, 1):
@@ -191,7 +188,7 @@ def _read_documents(cfg: DataConfig):
 
 def make_source(cfg: DataConfig, vocab_size: int, seed: int, batch_size: int) -> tuple[Source, Tokenizer | None]:
     if cfg.source == "synthetic":
-        return SyntheticSource(cfg, vocab_size, seed, batch_size), None
+        return SyntheticSource(cfg, vocab_size, seed), None
     if not cfg.tokenizer:
         raise DataError("data.source=text needs data.tokenizer (a sentencepiece .model)")
     tokenizer = Tokenizer(cfg.tokenizer)
@@ -218,14 +215,17 @@ def global_batch(source: Source, step: int, sharding: jax.sharding.NamedSharding
 
 
 def _process_slice(sharding: jax.sharding.NamedSharding, shape: tuple[int, int]) -> tuple[slice, slice]:
-    """The rows and columns this process's devices hold."""
+    """The rows and columns this process's devices hold; they must form one block."""
     index_map = sharding.addressable_devices_indices_map(shape)
     bounds = []
     for dim in range(2):
-        idx = [ix[dim].indices(shape[dim]) for ix in index_map.values()]
-        bounds.append(slice(min(i[0] for i in idx), max(i[1] for i in idx)))
+        pieces = sorted({ix[dim].indices(shape[dim])[:2] for ix in index_map.values()})
+        for (_, stop), (start, _) in zip(pieces, pieces[1:]):
+            if stop != start:
+                raise ValueError(
+                    f"process {jax.process_index()} holds non-adjacent parts {pieces} of "
+                    f"dimension {dim} of the batch; order the mesh so each process's "
+                    "devices hold one block"
+                )
+        bounds.append(slice(pieces[0][0], pieces[-1][1]))
     return bounds[0], bounds[1]
-
-
-def batch_tokens(batch: dict[str, Any]) -> int:
-    return int(np.prod(batch["inputs"].shape))

@@ -207,6 +207,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def is_sharded(name: str) -> bool:
+    """Whether activations' logical dimension `name` is split over devices now."""
+    active = _ACTIVE.get()
+    if active is None:
+        return False
+    rules, mesh = active
+    return logical_to_spec((name,), rules, mesh)[0] is not None
+
+
 def batch_sharding(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a (batch, length) input array; errors when the batch does not divide."""
     spec = logical_to_spec(("batch", "length"), rules, mesh, shape, "input batch")

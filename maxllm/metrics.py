@@ -16,8 +16,8 @@ kernel skips the masked half, so counting it would overstate MFU.
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,8 +25,6 @@ from typing import Any, TextIO
 import jax
 
 from maxllm.config import LlamaConfig
-
-log = logging.getLogger(__name__)
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -73,9 +71,18 @@ def peak_flops(device: jax.Device, dtype: Any) -> float | None:
 
 
 class MetricsWriter:
-    """One stdout line, `metrics.jsonl` and TensorBoard scalars per logged step."""
+    """One stdout line, `metrics.jsonl` and TensorBoard scalars per logged step,
+    written by process 0. On a resume from `resume_step`, rows of later steps (from
+    the interrupted run) are dropped first, so each step appears once."""
 
-    def __init__(self, output_dir: str | Path, jsonl: bool, tensorboard: bool, stream: TextIO = sys.stdout):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        jsonl: bool,
+        tensorboard: bool,
+        resume_step: int = 0,
+        stream: TextIO = sys.stdout,
+    ):
         self.stream = stream
         self.jsonl = None
         self.tb = None
@@ -84,11 +91,14 @@ class MetricsWriter:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self.jsonl = open(out / "metrics.jsonl", "a")
+            path = out / "metrics.jsonl"
+            _drop_rows_after(path, resume_step)
+            self.jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # purge_step hides events of steps >= it left by an interrupted run.
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -109,6 +119,30 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites `path` (atomically) without rows of steps after `step`; a torn last
+    line from a killed run goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _format_line(step: int, m: dict[str, Any]) -> str:

@@ -13,10 +13,19 @@ from flax import nnx
 
 
 def greedy_generate(
-    graphdef: nnx.GraphDef, params: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None
+    graphdef: nnx.GraphDef,
+    params: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    max_seq_len: int,
+    eos_id: int | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt; a row stops at `eos_id` (not included)."""
     B, P = len(prompts), max(len(p) for p in prompts)
+    if P + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"a {P}-token prompt plus {max_new_tokens} new tokens exceeds model.max_seq_len={max_seq_len}"
+        )
     tokens = np.zeros((B, P), np.int32)
     segments = np.zeros((B, P), np.int32)
     for i, p in enumerate(prompts):

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +51,38 @@ State = dict[str, Any]
 
 @dataclasses.dataclass
 class RunResult:
-    """What a run leaves in memory: losses by step (this process's run only)."""
+    """What a run leaves in memory: the step metrics this process computed (from the
+    step it started at), and the final state."""
 
-    losses: dict[int, float]
+    history: dict[int, dict[str, float]]
     state: State
     graphdef: nnx.GraphDef
     start_step: int
     samples: list[str]
+
+    @property
+    def losses(self) -> dict[int, float]:
+        return {step: m["loss"] for step, m in self.history.items()}
 
 
 # ---------------------------------------------------------------------------------
 # State
 
 
-def init_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, State, Any, optax.GradientTransformation]:
-    """The sharded train state, built on device under jit: no host copy of the model."""
+class TrainStateSpec(NamedTuple):
+    """How to build the train state: abstract shapes with shardings, and `init`, a
+    jitted function that materializes a fresh state directly on the devices."""
+
+    graphdef: nnx.GraphDef
+    abstract: State
+    shardings: State
+    init: Callable[[], State]
+    tx: optax.GradientTransformation
+
+
+def train_state_spec(cfg: Config, mesh: Mesh) -> TrainStateSpec:
+    """The state is {step, params, opt_state, rng}: rng is the run's base PRNG key,
+    saved so that families and objectives that draw randomness resume exactly."""
     tx = build_optimizer(cfg.train)
     abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, cfg.train.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
@@ -80,15 +97,16 @@ def init_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, State, Any,
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
         }
 
-    abstract_state = jax.eval_shape(init)
-    shardings = _state_shardings(abstract_state, p_shardings, mesh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings, tx
+    shapes = jax.eval_shape(init)
+    shardings = _state_shardings(shapes, p_shardings, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return TrainStateSpec(graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings), tx)
 
 
 def _state_shardings(abstract_state: State, p_shardings: dict, mesh: Mesh) -> State:
     """Parameters by the rules table; optimizer moments like the parameter they
-    track (matched by path suffix and shape); everything else replicated."""
+    track (matched by the parameter's path at the end of theirs); everything else
+    replicated."""
     by_path = {}
     for path, sharding in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
         by_path[tuple(k.key for k in path)] = sharding
@@ -198,24 +216,35 @@ def make_train_step(
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly."""
+    """Decides when a preempted job stops. One process: a SIGTERM handler sets a
+    flag. Several: JAX's preemption notifier (set up by jax.distributed) catches
+    SIGTERM and every process stops at the same step, so their saves line up."""
 
     def __init__(self):
+        self.multiprocess = jax.process_count() > 1
         self.received = False
         self._previous = None
 
-    def install(self) -> None:
-        # Signal handlers can only be set from the main thread (not, e.g., in a notebook worker).
-        if threading.current_thread() is threading.main_thread():
+    def __enter__(self) -> "_Preemption":
+        # Signal handlers can only be set from the main thread (not, e.g., a notebook worker).
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame) -> None:
         log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
         self.received = True
 
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    def stop_at(self, step: int) -> bool:
+        if self.multiprocess and not self.received:
+            from jax.experimental import multihost_utils
+
+            self.received = multihost_utils.reached_preemption_sync_point(step)
+        return self.received
 
 
 class _Throughput:
@@ -232,20 +261,16 @@ class _Throughput:
         self.mark = (step, time.perf_counter())
 
     def measure(self, step: int) -> dict[str, float | None]:
+        """Rates since the last call; None on the first step after a (re)start."""
         now = time.perf_counter()
+        keys = ("tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu")
         if self.mark is None or step <= self.mark[0]:
-            return {}
-        tokens = (step - self.mark[0]) * self.tokens_per_step
-        per_sec = tokens / (now - self.mark[1])
+            return dict.fromkeys(keys)
+        per_sec = (step - self.mark[0]) * self.tokens_per_step / (now - self.mark[1])
         self.mark = (step, now)
         per_device = per_sec / self.num_devices
         flops = per_device * self.flops_per_token
-        return {
-            "tokens_per_sec": per_sec,
-            "tokens_per_sec_per_device": per_device,
-            "tflops_per_sec_per_device": flops / 1e12,
-            "mfu": flops / self.peak if self.peak else None,
-        }
+        return dict(zip(keys, (per_sec, per_device, flops / 1e12, flops / self.peak if self.peak else None)))
 
 
 def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
@@ -262,50 +287,46 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
     input_sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (B, T))
 
     with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
-        graphdef, state, shardings, tx = init_train_state(cfg, mesh)
-        _log_params(cfg, state["params"])
+        spec = train_state_spec(cfg, mesh)
         source, tokenizer = data_lib.make_source(cfg.data, cfg.model.vocab_size, cfg.train.seed, B)
-        step_fn = make_train_step(cfg, graphdef, tx, shardings, input_sharding)
+        step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, input_sharding)
         checkpointer = None
-        start = 0
         if cfg.checkpoint.enabled:
             checkpointer = Checkpointer(checkpoint_dir(out_dir, cfg.checkpoint), cfg.checkpoint, cfg.to_dict())
-            latest = checkpointer.latest_step()
-            if latest is not None:
-                abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-                state = checkpointer.restore(latest, abstract)
-                start = latest
-                log.info("resumed from checkpoint step %d in %s", latest, checkpointer.directory)
         try:
-            state, losses, preempted = _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start)
+            start = checkpointer.latest_step() if checkpointer else None
+            if start is None:
+                start, state = 0, spec.init()
+            else:
+                state = checkpointer.restore(start, spec.abstract)
+                log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
+            _log_params(cfg, state["params"])
+            state, history, preempted = _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start)
         finally:
             if checkpointer is not None:
                 checkpointer.close()
     if preempted:
         raise Preempted()
-    samples = _sample(cfg, graphdef, state["params"], tokenizer)
-    return RunResult(losses, state, graphdef, start, samples)
+    samples = _sample(cfg, spec.graphdef, state["params"], tokenizer)
+    return RunResult(history, state, spec.graphdef, start, samples)
 
 
-def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> tuple[State, dict[int, float], bool]:
-    """Steps from `start` to `train.steps`; returns the state, the losses by step, and
-    whether a SIGTERM stopped it (after saving)."""
+def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> tuple[State, dict, bool]:
+    """Steps from `start` to `train.steps`; returns the state, the metrics by step,
+    and whether a preemption stopped it (after saving)."""
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
-    writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=start)
     throughput = _Throughput(cfg, B * T, len(input_sharding.mesh.devices.flat))
-    preemption = _Preemption()
-    preemption.install()
-    losses: dict[int, float] = {}
+    history: dict[int, dict[str, float]] = {}
     pending: tuple[int, dict] | None = None
 
     def flush():
         step, metrics = pending
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        losses[step] = values["loss"]
+        history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
-            writer.write(step, {**values, **throughput.measure(step)})
+            writer.write(step, {**history[step], **throughput.measure(step)})
 
-    try:
+    with writer, _Preemption() as preemption:
         for step in range(start, cfg.train.steps):
             batch = data_lib.global_batch(source, step, input_sharding, (B, T))
             state, metrics = step_fn(state, batch)
@@ -316,21 +337,18 @@ def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> t
             if pending is not None:
                 flush()  # the previous step's metrics, read while this one runs
             pending = (done, metrics)
-            if checkpointer is not None and (
-                checkpointer.should_save(done) or done == cfg.train.steps or preemption.received
-            ):
-                checkpointer.save(done, state, force=preemption.received)
-            if preemption.received:
+            stop = preemption.stop_at(done)
+            if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps or stop):
+                checkpointer.save(done, state, force=stop)
+            if stop:
                 if checkpointer is not None:
                     checkpointer.wait()
-                log.warning("stopped by SIGTERM after step %d; checkpoint saved", done)
+                log.warning("stopped by SIGTERM after step %d; %s", done,
+                            "checkpoint saved" if checkpointer else "checkpointing is off, nothing saved")
                 break
         if pending is not None:
             flush()
-    finally:
-        writer.close()
-        preemption.uninstall()
-    return state, losses, preemption.received
+    return state, history, preemption.received
 
 
 class Preempted(Exception):
@@ -348,7 +366,9 @@ def _sample(cfg: Config, graphdef, params, tokenizer) -> list[str]:
     if not cfg.sample.prompts or tokenizer is None:
         return []
     prompts = [tokenizer.encode(p) for p in cfg.sample.prompts]
-    outs = greedy_generate(graphdef, params, prompts, cfg.sample.max_new_tokens, tokenizer.eos_id)
+    outs = greedy_generate(
+        graphdef, params, prompts, cfg.sample.max_new_tokens, cfg.model.max_seq_len, tokenizer.eos_id
+    )
     texts = [tokenizer.decode(ids) for ids in outs]
     if jax.process_index() == 0:
         print("\ngreedy continuations:")

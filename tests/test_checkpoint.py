@@ -36,11 +36,13 @@ def _command(out, steps, *extra):
 
 
 def _losses(out):
-    """Loss by step from metrics.jsonl; a rerun step overwrites the earlier line."""
+    """Loss by step from metrics.jsonl, which must hold each step once."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return {}
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    steps = [row["step"] for row in lines]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
     return {row["step"]: row["loss"] for row in lines}
 
 

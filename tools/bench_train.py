@@ -46,7 +46,6 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
     import jax
     import numpy as np
 
-    from maxllm import data as data_lib
     from maxllm import train as train_lib
     from maxllm.mesh import activation_rules, batch_sharding, make_mesh
 
@@ -57,9 +56,10 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
     })
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
-        graphdef, state, shardings, tx = train_lib.init_train_state(cfg, mesh)
+        spec = train_lib.train_state_spec(cfg, mesh)
+        state = spec.init()
         sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (batch, seq))
-        step_fn = train_lib.make_train_step(cfg, graphdef, tx, shardings, sharding)
+        step_fn = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, sharding)
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq + 1))
         host = {

@@ -172,7 +172,10 @@ class Llama(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
         """An empty decode cache: per-layer keys and values plus, per row, the
-        positions and segment ids of what is stored and the next write index."""
+        positions and segment ids of what is stored and the next write index.
+
+        Callers size it: a write past `length` is clamped by dynamic_update_slice
+        and would overwrite the newest entries, so prompt + generation <= length."""
         cfg = self.cfg
         dtype = dtype or compute_dtype(cfg.dtype)
         kv_shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size)
