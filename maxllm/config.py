@@ -13,6 +13,8 @@ to be printed as is.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,9 +220,12 @@ class Config(Section):
 
 
 def load_config(
-    path: str | Path | list[str | Path], overrides: list[str] | tuple[str, ...] = ()
-) -> Config:
-    """Reads `path` with its `base:` chain, applies `a.b=value` overrides, validates.
+    path: str | Path | list[str | Path],
+    overrides: list[str] | tuple[str, ...] = (),
+    schema: type[BaseModel] = Config,
+) -> Any:
+    """Reads `path` with its `base:` chain, applies `a.b=value` overrides, validates
+    against `schema` (the training `Config` unless another tool passes its own).
 
     A list of paths merges them in order, as a `base:` list does, e.g.
     `load_config(["configs/base.yml", "configs/models/smollm-135m.yml"])`.
@@ -230,14 +235,14 @@ def load_config(
         _deep_merge(raw, _read_with_bases(Path(one), seen=()))
     for item in overrides:
         _apply_override(raw, item)
-    return config_from_dict(raw)
+    return config_from_dict(raw, schema)
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
+def config_from_dict(raw: dict[str, Any], schema: type[BaseModel] = Config) -> Any:
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe(e)) from None
+        raise ConfigError(_describe(e, schema)) from None
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -291,7 +296,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = text
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, schema: type[BaseModel]) -> str:
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
@@ -300,7 +305,7 @@ def _describe(error: ValidationError) -> str:
         path = ".".join(loc) or "<config>"
         kind = err["type"]
         if kind == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
+            valid = _fields_at(schema, loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.6)
             parent = ".".join(loc[:-1])
             named = [f"'{parent}.{c}'" if parent else f"'{c}'" for c in close]
@@ -309,25 +314,43 @@ def _describe(error: ValidationError) -> str:
                 f"unknown config key {path!r}{hint} (valid keys here: {', '.join(valid)})"
             )
         elif kind == "missing":
-            lines.append(
-                f"config key {path!r} is missing: set it, or inherit configs/base.yml"
-                " with `base:`"
-            )
+            hint = ", or inherit configs/base.yml with `base:`" if schema is Config else ""
+            lines.append(f"config key {path!r} is missing: set it{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"config key {path!r}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 
-def _fields_at(loc: list[str]) -> list[str]:
-    """Valid field names of the section at `loc`, for did-you-mean hints."""
-    cls: Any = Config
+def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    """Valid field names of the section at `loc`, for did-you-mean hints. Steps
+    through optional sections, list items, and tagged unions (`type: ...`)."""
+    node: Any = schema
     for part in loc:
-        field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
+        node = _child(node, part)
+        if node is None:
             return []
-        cls = field.annotation
-        for candidate in getattr(cls, "__args__", ()):  # Optional[Section]
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                cls = candidate
-    return list(getattr(cls, "model_fields", {}))
+    models = [m for m in _members(node) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _child(node: Any, part: str) -> Any:
+    for member in _members(node):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            if part in member.model_fields:
+                return member.model_fields[part].annotation
+            tag = member.model_fields.get("type")
+            if tag is not None and part in getattr(tag.annotation, "__args__", ()):
+                return member  # a tagged union member, named by its tag
+        elif typing.get_origin(member) is list and part.isdigit():
+            return typing.get_args(member)[0]
+    return None
+
+
+def _members(node: Any) -> list[Any]:
+    """The alternatives of an Optional/Union/Annotated annotation (or the node)."""
+    if typing.get_origin(node) is typing.Annotated:
+        return _members(typing.get_args(node)[0])
+    if typing.get_origin(node) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(node) for m in _members(arg)]
+    return [node]
