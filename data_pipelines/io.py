@@ -78,14 +78,25 @@ def read_text(path: str) -> str:
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
     """A binary file at a temporary name, renamed to `path` only if the block ends
-    without an exception."""
+    without an exception. Object stores (gs://) need no rename: an object becomes
+    visible only when its upload completes, so it is written in place."""
     fs, p = fs_and_path(path)
+    if is_remote(path):
+        f = fs.open(p, "wb")
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()  # cancel the upload: nothing appears under `path`
+            raise
+        f.close()
+        return
     fs.makedirs(os.path.dirname(p), exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open(tmp, "wb") as f:
             yield f
-        fs.mv(tmp, p) if is_remote(path) else os.replace(tmp, p)
+        os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm(tmp)

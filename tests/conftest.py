@@ -27,6 +27,26 @@ def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 CPU devices (XLA_FLAGS set too late?)"
 
 
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on localhost; yields a gs:// bucket URL. gcsfs reaches it
+    through STORAGE_EMULATOR_HOST (set for this process and its children)."""
+    import socket
+
+    pytest.importorskip("gcsfs")
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="maxllm-test")
+    server.start()
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no gRPC bucket probing
+    yield "gs://maxllm-test"
+    server.stop()
+
+
 @pytest.fixture
 def tiny():
     """Factory: the tiny test config with `section.key=value` overrides."""

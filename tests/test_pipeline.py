@@ -208,6 +208,24 @@ def test_ray_executor_equals_local(reference, corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_gcs_input_and_output_equal_local(reference, corpus, gcs):
+    import fsspec
+
+    out, _, _ = reference
+    folder, _ = corpus
+    fs = fsspec.filesystem("gs")
+    for path in sorted((folder / "in").iterdir()):
+        fs.put_file(str(path), f"{gcs}/corpus/{path.name}")
+    cfg = _config(folder, f"{gcs}/corpus", f"{gcs}/out", "executor.workers=2")
+    run(cfg)
+    local = Path(folder / "from-gcs")
+    fs.get(f"{gcs}/out/kept/", str(local / "kept"), recursive=True)
+    fs.get(f"{gcs}/out/tokens/", str(local / "tokens"), recursive=True)
+    assert _kept(local) == _kept(out)
+    assert _shards(local) == _shards(out)
+
+
+@pytest.mark.slow
 def test_killed_and_rerun_equals_uninterrupted(reference, corpus, tmp_path):
     out, _, _ = reference
     folder, _ = corpus

@@ -3,6 +3,8 @@
     python tools/datatrove_agreement.py                       # web sample, both sides
     python tools/datatrove_agreement.py --sample docs.jsonl.gz --golden golden.json
     python tools/datatrove_agreement.py --sample docs.jsonl.gz --write-golden golden.json
+    python tools/datatrove_agreement.py --write-fixture tests/data/filters_fixture.jsonl.gz \
+        --write-golden tests/data/filters_golden.json           # the tests' fixture
     python tools/datatrove_agreement.py --write-spacy-rules   # refresh the tokenizer asset
 
 datatrove (0.10.1, with spaCy for English words) lives in its own virtual environment
@@ -11,9 +13,11 @@ re-runs itself there as a worker (`--_worker`), which imports only datatrove and
 standard library. Each filter runs on its own over every document (default settings,
 fresh copies, single process), so the agreement is per filter; the chain (URL,
 repetition, Gopher quality, C4, FineWeb, stopping at the first drop, as in FineWeb's
-pipeline) is timed as well. Prints per-filter agreement (same keep/drop decision; for
-C4 also identical output text among documents both keep), the disagreeing ids with
-both reasons, documents/s of both, and writes everything as JSON (`--out`).
+pipeline) is timed as well. Our side starts every timing with empty caches (words are
+cached per chunk across documents; spaCy keeps nothing between them). Prints
+per-filter agreement (same keep/drop decision; for C4 also identical output text among
+documents both keep), the disagreeing ids with both reasons, documents/s of both, and
+writes everything as JSON (`--out`).
 
 Input: JSONL (optionally .gz) with fields id, text and url.
 """
@@ -21,7 +25,6 @@ Input: JSONL (optionally .gz) with fields id, text and url.
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import hashlib
 import json
@@ -83,6 +86,8 @@ def _time_chain(fns: list[Callable[[Any], Any]], make_doc: Callable[[dict], Any]
                 is_drop: Callable[[Any], bool]) -> tuple[int, float]:
     """Run the filters in sequence on each document, stopping at the first drop."""
     objs = [make_doc(d) for d in docs]
+    for fn in fns:
+        fn(make_doc(docs[0]))  # warm-up: lists and tokenizers load outside the timing
     t0 = time.perf_counter()
     kept = 0
     for o in objs:
@@ -124,7 +129,8 @@ def _dt_filters() -> dict[str, Any]:
 
 def _dt_worker(sample: Path, out: Path, limit: int | None, names: list[str], chain: bool) -> None:
     """Datatrove's decisions and timings for `sample`, written to `out` as JSON."""
-    import datatrove
+    from importlib.metadata import version
+
     import spacy
     from datatrove.data import Document
     from datatrove.utils.text import split_into_parts
@@ -136,8 +142,8 @@ def _dt_worker(sample: Path, out: Path, limit: int | None, names: list[str], cha
 
     filters = _dt_filters()
     result: dict[str, Any] = {
-        "meta": {"datatrove": datatrove.__version__ if hasattr(datatrove, "__version__") else "0.10.1",
-                 "spacy": spacy.__version__, "n_docs": len(docs), "sample": str(sample)},
+        "meta": {"datatrove": version("datatrove"), "spacy": spacy.__version__, "n_docs": len(docs),
+                 "sample": str(sample)},
         "filters": {},
     }
     for name in names:
@@ -239,6 +245,60 @@ def run_ours(docs: list[dict], names: list[str], chain: bool) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- test fixture
+
+# Sources of the web sample whose text may be shipped in the repository's tests
+# (permissive licenses, see shared/data/LICENSES.md).
+FIXTURE_SOURCES = ("python3.11-doc", "postgresql-doc-15", "python-django-doc", "fortunes", "fortunes-min")
+
+
+def select_fixture(docs: list[dict], dt: dict, size: int, per_reason: int = 6, seed: int = 0) -> list[dict]:
+    """About `size` documents of FIXTURE_SOURCES: up to `per_reason` for every (filter,
+    rule) datatrove gives them, at least one kept and one dropped by each filter, then
+    random ones; in sample order."""
+    import random
+
+    pool = [d for d in docs if d.get("source") in FIXTURE_SOURCES]
+    chosen: set[str] = set()
+    for name in FILTERS:
+        decisions = dt["filters"][name]["decisions"]
+        by_reason: dict[str, list[str]] = {}
+        for d in pool:
+            keep, reason, _ = decisions[d["id"]]
+            by_reason.setdefault("keep" if keep else reason, []).append(d["id"])
+        for ids in by_reason.values():
+            chosen.update(sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:per_reason])
+    rest = sorted(d["id"] for d in pool if d["id"] not in chosen)
+    random.Random(seed).shuffle(rest)
+    chosen.update(rest[: max(0, size - len(chosen))])
+    return [{k: d[k] for k in ("id", "text", "url", "source")} for d in pool if d["id"] in chosen]
+
+
+def write_jsonl_gz(path: Path, docs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(path, "wb", mtime=0) as raw:  # mtime=0: the same bytes every time
+        raw.write("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8"))
+
+
+def dump_golden(golden: dict) -> str:
+    """JSON with one line per decision (readable diffs)."""
+    lines = ["{", f' "meta": {json.dumps(golden["meta"], sort_keys=True)},', ' "filters": {']
+    names = sorted(golden["filters"])
+    for fi, name in enumerate(names):
+        items = sorted(golden["filters"][name]["decisions"].items())
+        lines.append(f'  {json.dumps(name)}: {{"decisions": {{')
+        lines += [f"   {json.dumps(k)}: {json.dumps(v)}" + ("," if i < len(items) - 1 else "")
+                  for i, (k, v) in enumerate(items)]
+        lines.append("  }}" + ("," if fi < len(names) - 1 else ""))
+    return "\n".join(lines + [" }", "}"]) + "\n"
+
+
+def golden_of(dt: dict) -> dict:
+    """Datatrove's result without its timings (stable across runs)."""
+    return {"meta": {k: v for k, v in dt["meta"].items() if k != "sample"},
+            "filters": {n: {"decisions": f["decisions"]} for n, f in dt["filters"].items()}}
+
+
 # --------------------------------------------------------------------------- comparison
 
 
@@ -299,6 +359,10 @@ def main() -> None:
     p.add_argument("--filters", default=",".join(FILTERS), help="comma-separated subset of " + ",".join(FILTERS))
     p.add_argument("--golden", type=Path, help="compare with this golden JSON instead of running datatrove")
     p.add_argument("--write-golden", type=Path, metavar="PATH", help="write datatrove's decisions to PATH and exit")
+    p.add_argument("--write-fixture", type=Path, metavar="PATH",
+                   help="pick a test fixture from --sample (permissive sources, every rule) into PATH (.jsonl.gz), "
+                   "then write datatrove's decisions for it to --write-golden")
+    p.add_argument("--fixture-size", type=int, default=150)
     p.add_argument("--write-spacy-rules", nargs="?", const=SPACY_RULES_ASSET, type=Path, metavar="PATH",
                    help="dump spaCy's English tokenizer rules (needs spaCy: runs in datatrove's environment)")
     p.add_argument("--datatrove-python", default=DEFAULT_DT_PYTHON)
@@ -325,10 +389,22 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         print(f"wrote {args.write_spacy_rules}")
         return
+    if args.write_fixture:
+        if not args.write_golden:
+            p.error("--write-fixture needs --write-golden PATH")
+        docs = load_docs(args.sample, args.limit)
+        if args.golden:
+            dt = json.loads(args.golden.read_text())
+        else:
+            dt = run_datatrove(args.datatrove_python, args.sample, args.limit, FILTERS, chain=False)
+        fixture = select_fixture(docs, dt, args.fixture_size)
+        write_jsonl_gz(args.write_fixture, fixture)
+        print(f"wrote {args.write_fixture} ({len(fixture)} documents)")
+        args.sample = args.write_fixture
     if args.write_golden:
         dt = run_datatrove(args.datatrove_python, args.sample, args.limit, names, chain=False)
         args.write_golden.parent.mkdir(parents=True, exist_ok=True)
-        args.write_golden.write_text(json.dumps(dt, indent=0, sort_keys=True) + "\n")
+        args.write_golden.write_text(dump_golden(golden_of(dt)))
         print(f"wrote {args.write_golden} ({dt['meta']['n_docs']} documents)")
         return
 

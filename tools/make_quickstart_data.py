@@ -49,7 +49,7 @@ def main() -> None:
     docs = read_jsonl_gz(sample / "web-sample.jsonl.gz")
     labels = {r["id"]: r for r in read_jsonl_gz(sample / "web-sample.labels.jsonl.gz")}
     keep = [
-        {"id": d["id"], "text": d["text"], "source": d["source"]}
+        {"id": d["id"], "text": d["text"], "url": d["url"], "source": d["source"]}
         for d in docs
         if d["source"] in PERMISSIVE
         and labels[d["id"]]["kind"] == "clean"

@@ -7,9 +7,10 @@ filters, with the same parameters, defaults, rule names and decisions (datatrove
 - duplicate lines and paragraphs are counted with sets instead of a Python loop;
 - the repetition filter hashes the characters of every word n-gram with a
   polynomial rolling hash in numpy (so "".join and " ".join n-grams are compared as
-  strings, as datatrove does) and sorts the hashes, instead of building and
-  counting n-gram strings; the greedy walk of `find_all_duplicate` runs only over the
-  positions whose n-gram occurs more than once;
+  strings, as datatrove does) instead of building and counting n-gram strings: one
+  sort of all n at once gives bounds (top count, top count × length, repeated
+  length) that settle most rules, and only the others are computed exactly (the
+  greedy walk of `find_all_duplicate` then visits only n-grams that occur twice);
 - C4 counts sentences only until the document has enough.
 
 A 64-bit hash collision between two different n-grams of one document could change
@@ -22,13 +23,14 @@ fineweb_quality_filter.py.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import ClassVar, Literal
 
 import numpy as np
 
-from data_pipelines.document import Document, StepConfig
 from data_pipelines import text as _text
+from data_pipelines.document import Document, StepConfig
 from data_pipelines.text import (
     PUNCTUATION_SET,
     TERMINAL_PUNCTUATION,
@@ -164,9 +166,32 @@ def duplicate_stats(items: list[str]) -> tuple[int, int]:
     return len(items) - len(distinct), sum(map(len, items)) - sum(map(len, distinct))
 
 
-_MOD_BITS = 64
 _BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
-_BASE_INV = pow(_BASE, -1, 1 << _MOD_BITS)
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+class _Powers:
+    """B^k and B^-k (mod 2^64) for k < len, grown on demand and shared by all documents."""
+
+    def __init__(self) -> None:
+        self.pows = np.ones(1, dtype=np.uint64)
+        self.inv_pows = np.ones(1, dtype=np.uint64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.pows) < n:
+            size = max(n, 2 * len(self.pows), 1 << 14)
+            self.pows = self._table(_BASE, size)
+            self.inv_pows = self._table(_BASE_INV, size)
+        return self.pows, self.inv_pows
+
+    @staticmethod
+    def _table(base: int, size: int) -> np.ndarray:
+        table = np.full(size, base, dtype=np.uint64)
+        table[0] = 1
+        return np.multiply.accumulate(table)  # wraps modulo 2**64
+
+
+_POWERS = _Powers()
 
 
 class NGramHashes:
@@ -178,23 +203,16 @@ class NGramHashes:
 
     def __init__(self, words: tuple[str, ...] | list[str], sep: str):
         joined = sep.join(words)
-        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64) + np.uint64(1)
+        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        codes += np.uint64(1)
         n_chars = len(codes)
-        inv_pows = np.empty(n_chars, dtype=np.uint64)
-        pows = np.empty(n_chars + 1, dtype=np.uint64)
-        if n_chars:
-            inv_pows[0] = 1
-            inv_pows[1:] = _BASE_INV
-            np.multiply.accumulate(inv_pows, out=inv_pows)
-        pows[0] = 1
-        pows[1:] = _BASE
-        np.multiply.accumulate(pows, out=pows)
+        pows, inv_pows = _POWERS.get(n_chars + 1)
         self.prefix = np.zeros(n_chars + 1, dtype=np.uint64)
-        np.cumsum(codes * inv_pows, out=self.prefix[1:])
+        np.cumsum(codes * inv_pows[:n_chars], out=self.prefix[1:])
         self.pows = pows
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.starts = np.cumsum(lengths + len(sep)) - (lengths + len(sep))
-        self.ends = self.starts + lengths
+        self.ends = np.cumsum(lengths + len(sep)) - len(sep)
+        self.starts = self.ends - lengths
         self.n_words = len(words)
 
     def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +222,45 @@ class NGramHashes:
         e = self.ends[n - 1 :]
         hashes = (self.prefix[e] - self.prefix[s]) * self.pows[s]
         return hashes, e - s
+
+    def summary(self, ns: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+        """Upper bounds for each n of `ns` (none above n_words), from one sort of an
+        (len(ns), n_words) table instead of one per n: the count of the most frequent
+        n-gram, the largest count × length of an n-gram, and the total length of the
+        n-grams equal to an earlier one. None when an n-gram is too long to summarize.
+
+        The sort keys are the (mixed) hashes' top 44 bits with the n-gram's length below: keys
+        that collide only merge n-grams, which can only raise these bounds.
+        """
+        n_rows, n_cols = len(ns), self.n_words
+        cols = np.arange(n_cols)
+        last = cols[None, :] + (np.asarray(ns)[:, None] - 1)  # each window's last word
+        valid = last < n_cols
+        e = self.ends[np.minimum(last, n_cols - 1)]
+        s = np.broadcast_to(self.starts, e.shape)
+        lengths = (e - s).astype(np.uint64)
+        if int(lengths[valid].max()) >= 1 << _LENGTH_BITS:
+            return None
+        hashes = (self.prefix[e] - self.prefix[s]) * self.pows[s]
+        # (times an odd constant, so that the top bits depend on every bit of the hash)
+        keys = ((hashes * np.uint64(_MIX)) & np.uint64(_HASH_MASK)) | lengths
+        # windows running past the end get distinct keys of length 0: unique, and inert
+        filler = (np.arange(keys.size, dtype=np.uint64) + np.uint64(1)) << np.uint64(_LENGTH_BITS)
+        ordered = np.sort(np.where(valid, keys, filler.reshape(keys.shape)), axis=1)
+        run_start = np.ones((n_rows, n_cols), dtype=bool)
+        run_start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        count_so_far = cols - np.maximum.accumulate(np.where(run_start, cols, 0), axis=1) + 1
+        sorted_lengths = (ordered & np.uint64(_LENGTH_MASK)).astype(np.int64)
+        max_count = count_so_far.max(axis=1)
+        max_chars = (count_so_far * sorted_lengths).max(axis=1)
+        duplicate_chars = np.where(run_start, 0, sorted_lengths).sum(axis=1)
+        return max_count.tolist(), max_chars.tolist(), duplicate_chars.tolist()
+
+
+_MIX = 0xD6E8FEB86659FD93
+_LENGTH_BITS = 20
+_LENGTH_MASK = (1 << _LENGTH_BITS) - 1
+_HASH_MASK = ((1 << 64) - 1) ^ _LENGTH_MASK
 
 
 def top_ngram_chars(hashes: np.ndarray, lengths: np.ndarray) -> int:
@@ -218,11 +275,6 @@ def top_ngram_chars(hashes: np.ndarray, lengths: np.ndarray) -> int:
 def repeated_ngram_chars(hashes: np.ndarray, lengths: np.ndarray, n: int) -> int:
     """datatrove's `find_all_duplicate`: walk the n-grams, adding each new one to a set;
     one already in it adds its length and skips the next n - 1 positions."""
-    if len(hashes) < 2:
-        return 0
-    ordered = np.sort(hashes)
-    if not (ordered[1:] == ordered[:-1]).any():
-        return 0
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
     candidates = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
     # n-grams that occur once are never repeats and their insertion into the set does
@@ -240,6 +292,17 @@ def repeated_ngram_chars(hashes: np.ndarray, lengths: np.ndarray, n: int) -> int
             seen.add(key)
             next_visit = pos + 1
     return repeated
+
+
+def _bound(frac: float, text_len: int) -> int:
+    """The largest character count c with c / text_len <= frac (float division, as the
+    rules compare), so that "c / text_len > frac" is "c > bound"."""
+    c = math.floor(frac * text_len)
+    while c / text_len > frac:
+        c -= 1
+    while (c + 1) / text_len <= frac:
+        c += 1
+    return c
 
 
 _PARAGRAPHS = re.compile(r"\n{2,}")
@@ -275,21 +338,39 @@ class GopherRepetition:
             return "dup_line_char_frac"
 
         words = split_words_cached(text)
-        if c.top_n_grams and len(words) >= min(n for n, _ in c.top_n_grams):
-            spaced = NGramHashes(words, " ")
-            for n, frac in c.top_n_grams:
-                if len(words) < n:
-                    continue
-                if top_ngram_chars(*spaced.ngrams(n)) / len(text) > frac:
-                    return f"top_{n}_gram"
+        return self._top_ngram_rule(words, len(text)) or self._duplicated_ngram_rule(words, len(text))
 
-        if c.dup_n_grams and len(words) >= min(n for n, _ in c.dup_n_grams):
-            glued = NGramHashes(words, "")
-            for n, frac in c.dup_n_grams:
-                if len(words) < n:
-                    continue
-                if repeated_ngram_chars(*glued.ngrams(n), n) / len(text) > frac:
-                    return f"duplicated_{n}_n_grams"
+    def _top_ngram_rule(self, words: tuple[str, ...], text_len: int) -> str | None:
+        """"top_{n}_gram" if the most frequent n-gram covers too much of the text."""
+        rules = [(n, frac) for n, frac in self.cfg.top_n_grams if n <= len(words)]
+        if not rules:
+            return None
+        spaced = NGramHashes(words, " ")
+        summary = spaced.summary([n for n, _ in rules])
+        for i, (n, frac) in enumerate(rules):
+            if summary and summary[0][i] == 1:  # all distinct: the first n-gram is "the most common"
+                top = int(spaced.ends[n - 1] - spaced.starts[0])
+            elif summary and summary[1][i] <= _bound(frac, text_len):
+                continue  # cannot exceed the threshold
+            else:
+                top = top_ngram_chars(*spaced.ngrams(n))
+            if top / text_len > frac:
+                return f"top_{n}_gram"
+        return None
+
+    def _duplicated_ngram_rule(self, words: tuple[str, ...], text_len: int) -> str | None:
+        """"duplicated_{n}_n_grams" if repeated n-grams cover too much of the text."""
+        rules = [(n, frac) for n, frac in self.cfg.dup_n_grams if n <= len(words)]
+        if not rules:
+            return None
+        glued = NGramHashes(words, "")
+        summary = glued.summary([n for n, _ in rules])
+        for i, (n, frac) in enumerate(rules):
+            # every repeat counted is an n-gram equal to an earlier one: summary[2] bounds the sum
+            if summary and summary[2][i] <= _bound(frac, text_len):
+                continue
+            if repeated_ngram_chars(*glued.ngrams(n), n) / text_len > frac:
+                return f"duplicated_{n}_n_grams"
         return None
 
 

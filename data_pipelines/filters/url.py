@@ -254,8 +254,10 @@ class URLFilter:
 
     def __call__(self, doc: Document) -> str | None:
         url = doc.metadata.get("url")
-        if not url:
-            raise ValueError(f"url_filter: document {doc.id!r} has no metadata['url']")
+        if not url or not isinstance(url, str):
+            # datatrove asserts; a pipeline must not crash on one record, so it is
+            # rejected under its own rule (a corpus without URLs shows 100% here).
+            return "missing_url"
         rule = self._domain_rule(url)
         if rule:
             return rule
