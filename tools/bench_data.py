@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +111,7 @@ def _result(proc: subprocess.CompletedProcess, what: str) -> dict:
 
 
 def run_ours(kind: str, inputs: Path, work: Path, workers: int) -> dict:
+    work.mkdir(parents=True)
     config = work / "pipeline.yml"
     config.write_text(
         f"input: {{paths: ['{inputs}/*.jsonl.gz']}}\noutput_dir: {work / 'out'}\n"

@@ -8,7 +8,7 @@
     python tools/datatrove_agreement.py --write-spacy-rules   # refresh the tokenizer asset
 
 datatrove (0.10.1, with spaCy for English words) lives in its own virtual environment
-(`--datatrove-python`, default /work/dtvenv/bin/python or $DATATROVE_PYTHON): this file
+(`--datatrove-python`, default $DATATROVE_PYTHON or tools/datatrove_env.py's): this file
 re-runs itself there as a worker (`--_worker`), which imports only datatrove and the
 standard library. Each filter runs on its own over every document (default settings,
 fresh copies, single process), so the agreement is per filter; the chain (URL,
@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SAMPLE = Path("/work/shared/data/web-sample.jsonl.gz")
-DEFAULT_DT_PYTHON = os.environ.get("DATATROVE_PYTHON", "/work/dtvenv/bin/python")
+DEFAULT_SAMPLE = ROOT.parent / "shared" / "data" / "web-sample.jsonl.gz"
 SPACY_RULES_ASSET = ROOT / "data_pipelines" / "assets" / "spacy_en_tokenizer.json"
 
 # Filter names in the order of FineWeb's pipeline (which the chain timing follows).
@@ -365,7 +364,9 @@ def main() -> None:
     p.add_argument("--fixture-size", type=int, default=150)
     p.add_argument("--write-spacy-rules", nargs="?", const=SPACY_RULES_ASSET, type=Path, metavar="PATH",
                    help="dump spaCy's English tokenizer rules (needs spaCy: runs in datatrove's environment)")
-    p.add_argument("--datatrove-python", default=DEFAULT_DT_PYTHON)
+    p.add_argument("--datatrove-python", default=None,
+                   help="python of an environment with datatrove (default: $DATATROVE_PYTHON, or one "
+                   "tools/datatrove_env.py creates)")
     p.add_argument("--no-chain", action="store_true", help="skip the whole-chain timing")
     p.add_argument("--show", type=int, default=50, help="disagreeing ids printed per filter")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "datatrove_agreement.json")
@@ -376,6 +377,12 @@ def main() -> None:
     unknown = set(names) - set(FILTERS)
     if unknown:
         p.error(f"unknown filters: {sorted(unknown)}")
+
+    if args.datatrove_python is None and not args._worker:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from datatrove_env import datatrove_python
+
+        args.datatrove_python = datatrove_python()
 
     if args._worker:
         _dt_worker(args.sample, args.out, args.limit, names, chain=not args.no_chain)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maxllm" / "datatrove-0.10.1"
-PACKAGES = ["datatrove[processing]==0.10.1", "spacy"]
+PACKAGES = ["datatrove[processing]==0.10.1", "spacy", "orjson"]
 
 
 def datatrove_python() -> str:

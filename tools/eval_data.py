@@ -141,6 +141,18 @@ def datatrove_decisions(docs: list[dict], work: Path) -> dict[str, str | None]:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def datatrove_minhash_kept(sample: Path, work: Path, workers: int) -> set[str]:
+    """Kept ids of datatrove's MinHash pipeline (same 5-gram, 14 x 8 settings), for
+    comparison (exact dedup is subsumed: identical texts share every band)."""
+    from bench_data import run_datatrove, split_sample
+    from datatrove_env import datatrove_python
+
+    inputs = work / "dt-inputs"
+    split_sample(sample, workers, inputs)
+    (work / "dt-minhash").mkdir()
+    return set(run_datatrove(datatrove_python(), "minhash", inputs, work / "dt-minhash", workers)["kept_ids"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", default=str(ROOT.parent / "shared" / "data"))
@@ -165,6 +177,7 @@ def main() -> None:
                 "clean_english_drops": dict(Counter(rejected[i] for i in english if i in rejected).most_common(8)),
                 "drop_rate_by_kind": drop_rates(labels, kept),
             }
+        report["dedup_datatrove_minhash"] = dedup_quality(labels, datatrove_minhash_kept(sample, work, args.workers))
         dt = datatrove_decisions([by_id[i] for i in english], work)
         sources = Counter(by_id[i]["source"] for i in english)
         ours_full = results["full"][1]
