@@ -10,11 +10,11 @@ command resumes: finished tasks are skipped.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from data_pipelines.config import load_pipeline_config
 from data_pipelines.pipeline import run, summary_table
+from maxllm.cli import log_to_stderr
 from maxllm.config import ConfigError
 
 
@@ -23,12 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. executor.workers=4")
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("data_pipelines")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
+    log_to_stderr("data_pipelines")
     try:
         cfg = load_pipeline_config(args.config, args.overrides)
         stats = run(cfg)

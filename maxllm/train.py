@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxllm import data as data_lib
 from maxllm.checkpoint import Checkpointer, checkpoint_dir
+from maxllm.cli import log_to_stderr
 from maxllm.config import Config, ConfigError, load_config
 from maxllm.mesh import (
     activation_rules,
@@ -381,22 +382,12 @@ def _sample(cfg: Config, graphdef, params, tokenizer) -> list[str]:
 # CLI
 
 
-def _log_to_stderr() -> None:
-    """maxllm's INFO lines on stderr (some dependency already owns the root logger)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("maxllm")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maxllm.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr("maxllm")
     try:
         cfg = load_config(args.config, args.overrides)
         maybe_initialize_distributed()
