@@ -30,7 +30,14 @@ class CheckpointMismatch(ConfigError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, cfg: CheckpointConfig, config_dict: dict[str, Any]):
+    def __init__(
+        self,
+        directory: str,
+        cfg: CheckpointConfig,
+        config_dict: dict[str, Any],
+        extra_handlers: dict[str, Any] | None = None,
+    ):
+        """`extra_handlers`: more items saved beside the state (the data iterator's)."""
         # Orbax (tensorstore) wants absolute local paths.
         self.directory = epath.Path(directory if "://" in directory else Path(directory).absolute())
         self.cfg = cfg
@@ -42,7 +49,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=cfg.async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={**_handlers(), **(extra_handlers or {})})
 
     def _warn_unfinished(self) -> None:
         if not self.directory.exists():
@@ -84,13 +91,22 @@ class Checkpointer:
             "it was saved with, or set run.output_dir to a new directory"
         )
 
-    def save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Starts a save of `state` at `step` (in the background when async)."""
+    def has_item(self, step: int, name: str) -> bool:
+        return (self.directory / str(step) / name).exists()
+
+    def read_item(self, step: int, name: str, args: Any) -> Any:
+        """One extra item of the checkpoint at `step`, read with its restore `args`."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+
+    def save(self, step: int, state: Any, force: bool = False, extra: dict[str, Any] | None = None) -> bool:
+        """Starts a save of `state` (and the `extra` items' save args) at `step`, in
+        the background when async; all items land in one step directory together."""
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 config=ocp.args.JsonSave(self.config_dict),
+                **(extra or {}),
             ),
             force=force,
         )

@@ -135,13 +135,51 @@ class MeshConfig(Section):
         return self
 
 
+class MixtureEntry(Section):
+    path: str  # a data_pipelines tokens/ folder (or its manifest.json)
+    weight: float
+
+    @model_validator(mode="after")
+    def _positive(self) -> "MixtureEntry":
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        return self
+
+
+class SeqioConfig(Section):
+    task: str | None  # a registered seqio Task or Mixture
+    split: str
+    module: str | None  # imported first, to register the task
+    feature: str  # the feature holding token ids
+    add_eos: bool  # append EOS (the task's vocabulary's) when the task does not
+
+
 class DataConfig(Section):
-    source: Literal["synthetic", "text"]
+    source: Literal["synthetic", "tokens", "mixture", "text", "seqio"]
     seq_len: PositiveInt
-    path: str | None  # text: a .jsonl, .jsonl.gz or .txt file, or a glob of them
+    path: str | None  # tokens: a tokens/ folder; text: .jsonl[.gz]/.txt file or glob
     text_field: str
-    tokenizer: str | None  # sentencepiece .model file
+    tokenizer: str | None  # text (and override for others): sentencepiece .model or tokenizer.json
     add_eos: bool
+    mixture: list[MixtureEntry]
+    packing: Literal["first_fit", "concat_split"]
+    packing_bins: PositiveInt | None  # first_fit: open rows; None: 4 x rows per process
+    shuffle: bool
+    num_workers: NonNegativeInt
+    eval_path: str | None
+    seqio: SeqioConfig
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source in ("tokens", "text") and not self.path:
+            raise ValueError(f"source={self.source} needs data.path")
+        if self.source == "mixture" and len(self.mixture) < 1:
+            raise ValueError("source=mixture needs data.mixture: a list of {path, weight}")
+        if self.source == "text" and not self.tokenizer:
+            raise ValueError("source=text needs data.tokenizer (a sentencepiece .model or tokenizer.json)")
+        if self.source == "seqio" and not self.seqio.task:
+            raise ValueError("source=seqio needs data.seqio.task")
+        return self
 
 
 class TrainConfig(Section):

@@ -289,35 +289,44 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
 
     with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
         spec = train_state_spec(cfg, mesh)
-        source, tokenizer = data_lib.make_source(cfg.data, cfg.model.vocab_size, cfg.train.seed, B)
+        data = data_lib.TrainInput(cfg, input_sharding)
         step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, input_sharding)
         checkpointer = None
         if cfg.checkpoint.enabled:
-            checkpointer = Checkpointer(checkpoint_dir(out_dir, cfg.checkpoint), cfg.checkpoint, cfg.to_dict())
+            checkpointer = Checkpointer(
+                checkpoint_dir(out_dir, cfg.checkpoint), cfg.checkpoint, cfg.to_dict(), data.handlers()
+            )
         try:
             start = checkpointer.latest_step() if checkpointer else None
             if start is None:
                 start, state = 0, spec.init()
             else:
                 state = checkpointer.restore(start, spec.abstract)
+                data.restore(start, _item_reader(checkpointer, start))
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
             _log_params(cfg, state["params"])
-            state, history, preempted = _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start)
+            state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start)
         finally:
             if checkpointer is not None:
                 checkpointer.close()
     if preempted:
         raise Preempted()
-    samples = _sample(cfg, spec.graphdef, state["params"], tokenizer)
+    samples = _sample(cfg, spec.graphdef, state["params"], data.tokenizer)
     return RunResult(history, state, spec.graphdef, start, samples)
 
 
-def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> tuple[State, dict, bool]:
+def _item_reader(checkpointer: Checkpointer, step: int):
+    if not checkpointer.has_item(step, "data"):
+        return None
+    return lambda name, args: checkpointer.read_item(step, name, args)
+
+
+def _loop(cfg, state, step_fn, data, checkpointer, start) -> tuple[State, dict, bool]:
     """Steps from `start` to `train.steps`; returns the state, the metrics by step,
     and whether a preemption stopped it (after saving)."""
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=start)
-    throughput = _Throughput(cfg, B * T, len(input_sharding.mesh.devices.flat))
+    throughput = _Throughput(cfg, B * T, len(data.sharding.mesh.devices.flat))
     history: dict[int, dict[str, float]] = {}
     pending: tuple[int, dict] | None = None
 
@@ -329,7 +338,7 @@ def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> t
 
     with writer, _Preemption() as preemption:
         for step in range(start, cfg.train.steps):
-            batch = data_lib.global_batch(source, step, input_sharding, (B, T))
+            batch = data.next()
             state, metrics = step_fn(state, batch)
             done = step + 1
             if step == start:  # the first step includes compilation: time from its end
@@ -340,7 +349,7 @@ def _loop(cfg, state, step_fn, source, input_sharding, checkpointer, start) -> t
             pending = (done, metrics)
             stop = preemption.stop_at(done)
             if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps or stop):
-                checkpointer.save(done, state, force=stop)
+                checkpointer.save(done, state, force=stop, extra=data.save_args())
             if stop:
                 if checkpointer is not None:
                     checkpointer.wait()

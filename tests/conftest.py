@@ -55,3 +55,29 @@ def tiny():
         return load_config(TINY, list(overrides))
 
     return make
+
+
+QUICKSTART = ROOT / "data" / "quickstart"
+
+
+def prepare_tokens(out: Path, texts: list[str], shards: int = 2) -> Path:
+    """Runs data_pipelines (tokenize with the quickstart tokenizer, in-process) over
+    `texts`; returns the tokens/ folder it writes."""
+    import gzip
+    import json
+
+    from data_pipelines.config import load_pipeline_config
+    from data_pipelines.pipeline import run
+
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "input.jsonl.gz"
+    with gzip.open(source, "wt") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": str(i), "text": text}) + "\n")
+    cfg = load_pipeline_config(
+        ROOT / "configs" / "data" / "quickstart.yml",
+        [f"input.paths=[{source}]", f"output_dir={out}", "executor.workers=1",
+         f"steps=[{{type: train_tokenizer, model: {QUICKSTART / 'tokenizer.model'}}}, {{type: tokenize, shards: {shards}}}]"],
+    )
+    run(cfg)
+    return out / "tokens"

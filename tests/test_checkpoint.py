@@ -1,5 +1,6 @@
-"""Resume equals uninterrupted (after kill -9), SIGTERM saves and exits 0, and an
-unfinished checkpoint is skipped with a warning."""
+"""Resume equals uninterrupted (after kill -9: the model state and the data
+iterator), SIGTERM saves and exits 0, and an unfinished checkpoint is skipped with a
+warning."""
 
 import json
 import logging
@@ -18,8 +19,12 @@ from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
-# A tiny model made slow enough (~0.1 s a step) that a signal lands mid-run.
+# A tiny model made slow enough (~0.1 s a step) that a signal lands mid-run, on the
+# Grain path (data_pipelines shards), so a resume restores the data iterator too.
 RUN = [
+    "data.source=tokens",
+    f"data.path={ROOT / 'data' / 'quickstart' / 'tokens' / 'valid'}",
+    "model.vocab_size=4096",
     "checkpoint.enabled=true",
     "checkpoint.every_steps=10",
     "logging.every_steps=1",

@@ -1,7 +1,8 @@
 """Two JAX processes (4 CPU devices each) run one job: the same command on both,
-each reading only its own rows, checkpoints written together; the losses equal a
-single-device run."""
+each reading only its own rows and its own part of the data, checkpoints written
+together; the losses equal a single-device run."""
 
+import collections
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import jax
 import pytest
 
+from maxllm.data import DataError
 from maxllm.train import train
 
 from conftest import ROOT, TINY
@@ -86,3 +88,48 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
     errs = _wait(_launch(out, _free_port(), f"train.steps={step + 2}", *slow))
     assert all(f"resumed from checkpoint step {step}" in e for e in errs)
+
+
+def test_two_processes_read_disjoint_parts_whose_union_is_the_epoch(tmp_path):
+    from test_data import VALID, _docs, _pieces
+
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_data.py"), str(port), str(rank),
+                          str(tmp_path / f"{rank}.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    _wait(procs)
+    parts = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert [p["layout"] for p in parts] == [{"rows": 4, "shard_index": i, "shard_count": 2} for i in range(2)]
+    assert all(p["global_shape"] == [8, 32] for p in parts)
+    assert [p["local_rows"] for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # its own rows
+    counts = [collections.Counter((tuple(i), tuple(t)) for i, t in p["segments"]) for p in parts]
+    epoch = collections.Counter(piece for doc in _docs(VALID) for piece in _pieces(doc, 32))
+    assert not (counts[0] & counts[1])
+    assert counts[0] + counts[1] == epoch
+
+
+def test_resuming_with_another_process_count(tiny, tmp_path):
+    """Synthetic data resumes on one process from a two-process checkpoint (every
+    row is a function of the step); a Grain iterator saved by two processes stops
+    a one-process resume with a clear error."""
+    constant = "train.schedule=constant"  # the same learning rates whatever train.steps
+    expected = train(tiny(f"run.output_dir={tmp_path / 'single'}", "train.steps=12", constant),
+                     devices=jax.devices()[:1]).losses
+    out = tmp_path / "synthetic"
+    _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "train.steps=10", constant))
+    resumed = train(tiny(f"run.output_dir={out}", "train.steps=12", "checkpoint.enabled=true", constant),
+                    devices=jax.devices()[:1])
+    assert resumed.start_step == 10
+    for step in (11, 12):
+        assert resumed.losses[step] == pytest.approx(expected[step], rel=1e-5)
+
+    from test_data import VALID
+
+    grain_run = ["data.source=tokens", f"data.path={VALID}", "model.vocab_size=4096"]
+    out = tmp_path / "tokens"
+    _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "train.steps=5", *grain_run))
+    with pytest.raises(DataError, match=r"saved with \{'process_count': 2.*this run has \{'process_count': 1"):
+        train(tiny(f"run.output_dir={out}", "train.steps=7", "checkpoint.enabled=true", *grain_run))
