@@ -165,6 +165,7 @@ class DataConfig(Section):
     packing: Literal["first_fit", "concat_split"]
     packing_bins: PositiveInt | None  # first_fit: open rows; None: 4 x rows per process
     shuffle: bool
+    shuffle_window: NonNegativeInt  # document pieces shuffled together before packing; 0: off
     num_workers: NonNegativeInt
     eval_path: str | None
     seqio: SeqioConfig

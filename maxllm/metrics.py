@@ -155,6 +155,8 @@ def _format_line(step: int, m: dict[str, Any]) -> str:
         ("tokens_per_sec_per_device", "tok/s/dev {:,.0f}"),
         ("mfu", "mfu {:.1%}"),
         ("tflops_per_sec_per_device", "TFLOP/s/dev {:.3f}"),
+        ("eval_loss", "eval_loss {:.4f}"),
+        ("eval_perplexity", "eval_ppl {:.2f}"),
     ):
         value = m.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):

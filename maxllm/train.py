@@ -212,6 +212,29 @@ def make_train_step(
     )
 
 
+def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any, input_sharding: NamedSharding):
+    """(params, batch) -> (summed cross-entropy, token count) over the batch."""
+
+    def step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits_BTV, _, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        _, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], 0.0)
+        return nll, count
+
+    batch_shardings = {k: input_sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    return jax.jit(step, in_shardings=(param_shardings, batch_shardings))
+
+
+def evaluate(eval_step, params, eval_input: data_lib.EvalInput) -> dict[str, float]:
+    """Loss and perplexity over the whole held-out split (token-weighted)."""
+    nll, count = 0.0, 0.0
+    for batch in eval_input.batches():
+        n, c = jax.device_get(eval_step(params, batch))
+        nll, count = nll + float(n), count + float(c)
+    loss = nll / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss)), "eval_tokens": count}
+
+
 # ---------------------------------------------------------------------------------
 # Loop
 
@@ -305,7 +328,12 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
                 data.restore(start, _item_reader(checkpointer, start))
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
             _log_params(cfg, state["params"])
-            state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start)
+            final_eval = None
+            if cfg.data.eval_path:
+                eval_input = data_lib.EvalInput(cfg, input_sharding)
+                eval_step = make_eval_step(spec.graphdef, spec.shardings["params"], input_sharding)
+                final_eval = lambda params: evaluate(eval_step, params, eval_input)  # noqa: E731
+            state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start, final_eval)
         finally:
             if checkpointer is not None:
                 checkpointer.close()
@@ -321,9 +349,10 @@ def _item_reader(checkpointer: Checkpointer, step: int):
     return lambda name, args: checkpointer.read_item(step, name, args)
 
 
-def _loop(cfg, state, step_fn, data, checkpointer, start) -> tuple[State, dict, bool]:
+def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tuple[State, dict, bool]:
     """Steps from `start` to `train.steps`; returns the state, the metrics by step,
-    and whether a preemption stopped it (after saving)."""
+    and whether a preemption stopped it (after saving). `final_eval(params)`, when
+    given, runs after the last step and its metrics join that step's."""
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=start)
     throughput = _Throughput(cfg, B * T, len(data.sharding.mesh.devices.flat))
@@ -357,6 +386,8 @@ def _loop(cfg, state, step_fn, data, checkpointer, start) -> tuple[State, dict, 
                             "checkpoint saved" if checkpointer else "checkpointing is off, nothing saved")
                 break
         if pending is not None:
+            if final_eval is not None and not preemption.received and pending[0] == cfg.train.steps:
+                pending = (pending[0], {**pending[1], **final_eval(state["params"])})
             flush()
     return state, history, preemption.received
 

@@ -1,5 +1,8 @@
-"""The quickstart's path, shortened: real text through the sentencepiece source,
-the loss falls, and greedy continuations come back as text."""
+"""The quickstart's path, shortened: prepared token shards through the Grain
+pipeline, the loss falls, the held-out split is evaluated, and greedy continuations
+come back as text."""
+
+import math
 
 import pytest
 
@@ -23,3 +26,7 @@ def test_quickstart_learns_and_samples(tmp_path):
     assert len(result.samples) == len(cfg.sample.prompts)
     assert all(isinstance(s, str) and s.strip() for s in result.samples)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
+    # The held-out split, read once at the end: about as hard as the training text.
+    final = result.history[40]
+    assert final["eval_tokens"] == 55_451 - 54  # every valid document's targets, once
+    assert abs(final["eval_loss"] - last) < 1.0 and final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))

@@ -135,7 +135,7 @@ class TrainInput:
             docs = pl.document_stream(documents, weights, layout=self.layout, seed=seed, shuffle=d.shuffle, num_epochs=None)
         dataset = pl.packed_batches(
             docs, seq_len=d.seq_len, rows=self.layout.rows, seed=seed, packing=d.packing,
-            packing_bins=d.packing_bins, shuffle=d.shuffle, drop_remainder=True,
+            packing_bins=d.packing_bins, shuffle=d.shuffle, shuffle_window=d.shuffle_window, drop_remainder=True,
             num_workers=0 if d.source == "seqio" else d.num_workers,  # TF does not survive fork
         )
         self.iterator: grain.DatasetIterator = iter(dataset)

@@ -88,9 +88,16 @@ def packed_batches(
     shuffle: bool,
     drop_remainder: bool,
     num_workers: int,
+    shuffle_window: int = 0,
 ) -> grain.IterDataset:
-    """Batches of `rows` packed rows (numpy dicts with Grain's packing features)."""
+    """Batches of `rows` packed rows (numpy dicts with Grain's packing features).
+
+    With `shuffle` and a `shuffle_window`, pieces are shuffled in windows of that
+    many before packing: a document longer than a row otherwise fills consecutive
+    rows of one batch, and the batch holds only a few documents."""
     pieces = gx.FlatMapIterDataset(documents, ChunkDocument(seq_len))
+    if shuffle and shuffle_window > 1:
+        pieces = gx.WindowShuffleIterDataset(pieces, window_size=shuffle_window, seed=seed)
     lengths = {f: seq_len for f in FEATURES}
     if packing == "first_fit":
         packed = gx.FirstFitPackIterDataset(
