@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -91,6 +92,10 @@ class Checkpointer:
             "it was saved with, or set run.output_dir to a new directory"
         )
 
+    def has_optimizer_state(self, step: int) -> bool:
+        """False for a parameters-only checkpoint (what maxllm.import_hf writes)."""
+        return "opt_state" in self.manager.item_metadata(step)["state"]
+
     def has_item(self, step: int, name: str) -> bool:
         return (self.directory / str(step) / name).exists()
 
@@ -133,3 +138,68 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 def _flat(tree: Any) -> list:
     return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+class StateReader:
+    """Reads parts of one saved train state without restoring all of it: single
+    parameter leaves (for export, one at a time) or the parameters alone (to start
+    training from them). Works on the checkpoints training writes and on the
+    parameters-only checkpoints `maxllm.import_hf` writes."""
+
+    def __init__(self, directory: str, step: int | None = None):
+        root = epath.Path(directory if "://" in directory else Path(directory).absolute())
+        if step is None:
+            steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+            if not steps:
+                raise ConfigError(f"{root}: no complete checkpoint")
+            step = steps[-1]
+        self.step = step
+        self.path = root / str(step) / "state"
+        if not self.path.exists():
+            raise ConfigError(f"{self.path}: checkpoint step {step} not found")
+        self._ckptr = ocp.PyTreeCheckpointer()
+        self.tree = self._ckptr.metadata(self.path).item_metadata.tree
+
+    def has_optimizer_state(self) -> bool:
+        return "opt_state" in self.tree
+
+    def param_shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+        return {tuple(str(k.key) for k in path): tuple(x.shape) for path, x in _flat(self.tree["params"])}
+
+    def leaf(self, path: tuple[str, ...], dtype: Any = None) -> Any:
+        """One parameter as a numpy array (cast to `dtype` while reading)."""
+        meta = self.tree["params"]
+        for key in path:
+            meta = meta[key]
+        item = restore = None
+        for key in reversed(("params", *path)):
+            item = {key: item if item is not None else jax.ShapeDtypeStruct(meta.shape, meta.dtype)}
+            restore = {key: restore if restore is not None else ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)}
+        out = self._ckptr.restore(self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore, partial_restore=True))
+        for key in ("params", *path):
+            out = out[key]
+        return out
+
+    def params(self, abstract_params: Any) -> Any:
+        """All parameters, laid out like `abstract_params` (shapes, shardings)."""
+        check_param_shapes(f"{self.path}", self.param_shapes(), abstract_params)
+        item = {"params": abstract_params}
+        out = self._ckptr.restore(self.path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return out["params"]
+
+
+def check_param_shapes(where: str, saved: dict[tuple[str, ...], tuple[int, ...]], abstract_params: Any) -> None:
+    """Raises CheckpointMismatch naming the parameters whose names or shapes differ."""
+    wanted = {tuple(str(k.key) for k in p): tuple(x.shape) for p, x in _flat(abstract_params)}
+    if saved == wanted:
+        return
+    diffs = [
+        f"{'/'.join(k)}: saved {saved.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
+    raise CheckpointMismatch(
+        f"{where}: the parameters do not fit this config ({'; '.join(diffs[:3])}"
+        f"{'; ...' if len(diffs) > 3 else ''})"
+    )

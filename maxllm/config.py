@@ -186,6 +186,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     steps: PositiveInt
     seed: int
+    init_from: str | None  # a run directory, a checkpoint directory or a Hugging Face folder
     global_batch_size: PositiveInt
     grad_accum_steps: PositiveInt
     lr: float

@@ -31,6 +31,7 @@ from maxllm import data as data_lib
 from maxllm.checkpoint import Checkpointer, checkpoint_dir
 from maxllm.cli import log_to_stderr
 from maxllm.config import Config, ConfigError, load_config
+from maxllm.hf.adapters import HFError
 from maxllm.mesh import (
     activation_rules,
     batch_sharding,
@@ -321,8 +322,14 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
             )
         try:
             start = checkpointer.latest_step() if checkpointer else None
+            if start is not None and not checkpointer.has_optimizer_state(start):
+                # Parameters only (maxllm.import_hf): start training from them.
+                source, start = f"{checkpointer.directory}/{start}", None
+            else:
+                source = cfg.train.init_from
             if start is None:
-                start, state = 0, spec.init()
+                start = 0
+                state = spec.init() if source is None else _state_from_weights(cfg, spec, source)
             else:
                 state = checkpointer.restore(start, spec.abstract)
                 data.restore(start, _item_reader(checkpointer, start))
@@ -341,6 +348,25 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
         raise Preempted()
     samples = _sample(cfg, spec.graphdef, state["params"], data.tokenizer)
     return RunResult(history, state, spec.graphdef, start, samples)
+
+
+def _state_from_weights(cfg: Config, spec: TrainStateSpec, source: str) -> State:
+    """Step 0 with the parameters of `source` (a run or checkpoint directory, or an
+    HF folder) and a fresh optimizer state."""
+    from maxllm.hf import load_params
+
+    params = load_params(source, cfg.model, spec.shardings["params"])
+    log.info("starting from the weights in %s (fresh optimizer state, step 0)", source)
+
+    def build(params):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": spec.tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+        }
+
+    return jax.jit(build, out_shardings=spec.shardings)(params)
 
 
 def _item_reader(checkpointer: Checkpointer, step: int):
@@ -432,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         maybe_initialize_distributed()
         train(cfg)
-    except (ConfigError, data_lib.DataError) as e:
+    except (ConfigError, data_lib.DataError, HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted:
