@@ -234,11 +234,13 @@ def _abstract(shapes: dict[LeafPath, tuple[int, ...]]) -> dict:
     return tree
 
 
-def run_config(run_dir: str | Path) -> Config:
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run directory's resolved config.yml, over configs/base.yml so that keys
+    added to maxllm after the run was written take their defaults."""
     path = Path(run_dir) / "config.yml"
     if not path.is_file():
         raise HFError(f"{path}: not found (is {run_dir} a maxllm run directory?)")
-    return load_config(path)
+    return load_config([BASE_CONFIG, path], overrides or [])
 
 
 def _checkpoint_root(run_dir: str | Path, cfg: Config) -> str:
@@ -388,7 +390,5 @@ def load_pretrained(path: str | Path, overrides: list[str] | None = None) -> Pre
         cfg = hf_run_config(hf, overrides=overrides)
         hf.tensors.close()
         return Pretrained(cfg, load_params(path, cfg.model), "hf")
-    cfg = run_config(path)
-    if overrides:
-        cfg = load_config(path / "config.yml", overrides)
+    cfg = run_config(path, overrides)
     return Pretrained(cfg, load_params(path, cfg.model), "run")

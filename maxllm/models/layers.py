@@ -76,7 +76,10 @@ class Embed(nnx.Module):
         self.table = param(rngs, (vocab, dim), ("vocab", "embed"), std=std)
 
     def __call__(self, tokens_BT: jax.Array, dtype: Dtype) -> jax.Array:
-        x_BTD = jnp.take(self.table[...].astype(dtype), tokens_BT, axis=0)
+        table = self.table[...]
+        if hasattr(table, "take_rows"):  # int8 serving weights: gather rows, then dequantize
+            return table.take_rows(tokens_BT).astype(dtype)
+        x_BTD = jnp.take(table.astype(dtype), tokens_BT, axis=0)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:

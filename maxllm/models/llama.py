@@ -170,6 +170,10 @@ class Llama(nnx.Module):
             cache = {**cache, **kv}
         return x_BTD, cache
 
+    # Which axis of each cache entry is the batch (a decode slot): the serving engine
+    # inserts one prefilled row into a slot along it, whatever the family's cache.
+    CACHE_BATCH_AXES = {"k": 1, "v": 1, "positions": 0, "segment_ids": 0, "index": 0}
+
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
         """An empty decode cache: per-layer keys and values plus, per row, the
         positions and segment ids of what is stored and the next write index.

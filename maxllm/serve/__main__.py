@@ -1,0 +1,56 @@
+"""Serve a model over HTTP (OpenAI and TGI APIs).
+
+    python -m maxllm.serve --model PATH [--quantize int8] [--port 8000] [--host 127.0.0.1]
+        [--slots 8] [--max-total-tokens 2048] [--max-input-tokens N] [--max-concurrent-requests 128]
+        [--dtype bfloat16|float32] [--api-key KEY] [--served-model-name NAME]
+
+PATH is a maxllm run directory (newest checkpoint) or a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maxllm.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="run directory or Hugging Face folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 at load time")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype in memory")
+    parser.add_argument("--slots", type=int, default=8, help="decode slots (requests decoded together)")
+    parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + generation (default: model max, at most 2048)")
+    parser.add_argument("--max-input-tokens", type=int, default=None, help="longest prompt (default: max-total-tokens - 1)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=128, help="in flight at once; more get 429")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
+    args = parser.parse_args(argv)
+
+    from maxllm.cli import log_to_stderr
+    from maxllm.serve.loader import build_server
+
+    log_to_stderr("maxllm")
+    import uvicorn
+
+    try:
+        server = build_server(args.model, quantize=args.quantize, dtype=args.dtype, slots=args.slots,
+                              max_total_tokens=args.max_total_tokens, max_input_tokens=args.max_input_tokens,
+                              max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
+                              model_name=args.served_model_name)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from maxllm.serve.server import create_app
+
+    server.engine.start()
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    finally:
+        server.engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

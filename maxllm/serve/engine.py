@@ -1,0 +1,323 @@
+"""The decode engine: a fixed number of slots over one preallocated cache, with
+continuous batching.
+
+- **Prefill** one request: its prompt padded to the next length bucket (so the
+  number of compiled shapes stays small), run through the model with a one-row
+  cache; the first token is sampled there.
+- **Insert** that row into a free slot of the engine's cache, along each entry's
+  batch axis (`model.CACHE_BATCH_AXES`: the cache is the family's own decode
+  state, KV for attention, so other families plug in unchanged).
+- **Generate**: one jitted step decodes one token for every slot at once; a new
+  request joins as soon as a slot is free, while the others keep decoding.
+
+A background thread runs the loop; requests arrive on a queue and get their
+tokens through callbacks. Per-request options (temperature, top-k, top-p,
+repetition penalty, seed) are per-slot arrays, so one compiled step serves all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxllm.serve.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    prompt_logprobs: bool = False
+
+
+@dataclasses.dataclass
+class Token:
+    id: int
+    logprob: float
+    text: str  # the text this token adds (may be empty while bytes are incomplete)
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[Token]
+    text: str
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    prompt_logprobs: list[float | None] | None
+    time_to_first_token: float
+    decode_seconds: float  # from the first token to the last
+
+
+class Request:
+    """One generation: the engine calls `on_token(token)` for each new token and
+    `on_done(result)` once; `cancel()` frees its slot at the next step."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 on_token: Callable[[Token], None] | None = None,
+                 on_done: Callable[[Result], None] | None = None):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.on_token = on_token or (lambda token: None)
+        self.on_done = on_done or (lambda result: None)
+        self.cancelled = False
+        self.created = time.perf_counter()
+        # filled by the engine
+        self.ids: list[int] = []
+        self.tokens: list[Token] = []
+        self.emitted = ""  # text already handed out
+        self.first_token_at: float | None = None
+        self.prompt_logprobs: list[float | None] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def length_buckets(max_len: int, smallest: int = 16) -> list[int]:
+    buckets, n = [], smallest
+    while n < max_len:
+        buckets.append(n)
+        n *= 2
+    return [*buckets, max_len]
+
+
+class Engine:
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, *, slots: int = 8, max_len: int = 512,
+                 seed: int = 0):
+        self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+        self.slots, self.max_len = slots, max_len
+        self.buckets = length_buckets(max_len)
+        model = nnx.merge(graphdef, params)
+        self.vocab = model.cfg.vocab_size
+        self.batch_axes = model.CACHE_BATCH_AXES
+        self.cache = jax.jit(lambda: model.init_cache(slots, max_len))()
+        self.eos_id = tokenizer.eos_id
+        self._base_key = jax.random.key(seed)
+        S, V = slots, self.vocab
+        self.seen = jnp.zeros((S, V), jnp.bool_)
+        self.keys = jax.random.split(self._base_key, S)
+        self.options = {  # per slot
+            "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
+            "top_p": np.ones(S, np.float32), "penalty": np.ones(S, np.float32),
+        }
+        self.last = np.zeros(S, np.int32)
+        self.active: list[Request | None] = [None] * S
+        self.pending: queue.Queue[Request] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._compile()
+
+    # ------------------------------------------------------------------ jitted parts
+
+    def _compile(self) -> None:
+        graphdef, max_len, axes = self.graphdef, self.max_len, self.batch_axes
+
+        def prefill(params, tokens_1P, length, temperature, top_k, top_p, penalty, key):
+            model = nnx.merge(graphdef, params)
+            P = tokens_1P.shape[1]
+            positions = jnp.arange(P, dtype=jnp.int32)[None]
+            segments = (positions < length).astype(jnp.int32)
+            cache = model.init_cache(1, max_len)
+            logits_1PV, cache, _ = model(tokens_1P, positions, segments, cache)
+            logprobs = jax.nn.log_softmax(logits_1PV[0].astype(jnp.float32), axis=-1)
+            prompt_lp = jnp.take_along_axis(logprobs[:-1], tokens_1P[0, 1:, None], axis=-1)[:, 0]
+            seen = jnp.zeros((1, logits_1PV.shape[-1]), jnp.bool_).at[0, tokens_1P[0]].max(segments[0] > 0)
+            last = jax.lax.dynamic_slice_in_dim(logits_1PV[0], length - 1, 1, axis=0)
+            token, lp = sample(last, temperature[None], top_k[None], top_p[None], penalty[None], seen, key[None])
+            seen = seen.at[0, token[0]].set(True)
+            return cache, seen, token[0], lp[0], prompt_lp
+
+        def insert(cache, row, seen_all, seen_row, keys, key, slot):
+            cache = {
+                k: jax.lax.dynamic_update_slice_in_dim(v, row[k].astype(v.dtype), slot, axis=axes[k])
+                for k, v in cache.items()
+            }
+            seen_all = jax.lax.dynamic_update_slice_in_dim(seen_all, seen_row, slot, axis=0)
+            keys = keys.at[slot].set(key)
+            return cache, seen_all, keys
+
+        def step(params, cache, last_S, seen_SV, keys_S, temperature, top_k, top_p, penalty):
+            model = nnx.merge(graphdef, params)
+            positions = cache["index"][:, None]
+            logits_S1V, cache, _ = model(last_S[:, None], positions, jnp.ones_like(positions), cache)
+            split = jax.vmap(lambda k: jax.random.split(k, 2))(keys_S)
+            token_S, lp_S = sample(logits_S1V[:, 0], temperature, top_k, top_p, penalty, seen_SV, split[:, 1])
+            seen_SV = seen_SV.at[jnp.arange(seen_SV.shape[0]), token_S].set(True)
+            return cache, token_S, lp_S, seen_SV, split[:, 0]
+
+        self._prefill = jax.jit(prefill)
+        self._insert = jax.jit(insert, donate_argnums=(0, 2, 4))
+        self._step = jax.jit(step, donate_argnums=(1, 3, 4))
+
+    def warmup(self) -> None:
+        """Compiles the step and every prefill bucket before serving."""
+        for bucket in self.buckets:
+            self._run_prefill([1] * min(bucket, self.max_len - 1), SamplingParams(max_new_tokens=1))
+        self._do_step()
+
+    # ------------------------------------------------------------------ loop
+
+    def submit(self, request: Request) -> None:
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        if total > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                             f"({request.params.max_new_tokens}) exceeds {self.max_len}")
+        self.pending.put(request)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="maxllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.pending.qsize()
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self.active)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.busy_slots == 0:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._generate()
+            except Exception:  # never let one bad request stop the engine
+                log.exception("engine step failed; failing the requests in flight")
+                for i, r in enumerate(self.active):
+                    if r is not None:
+                        self._finish(i, "error")
+
+    def _admit(self) -> None:
+        while None in self.active:
+            try:
+                request = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled:
+                continue
+            slot = self.active.index(None)
+            self._start(slot, request)
+
+    def _run_prefill(self, prompt: list[int], p: SamplingParams, key=None):
+        n = len(prompt)
+        bucket = next(b for b in self.buckets if b >= n)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :n] = prompt
+        key = self._base_key if key is None else key
+        return self._prefill(self.params, jnp.asarray(tokens), jnp.int32(n), jnp.float32(p.temperature),
+                             jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.repetition_penalty), key)
+
+    def _start(self, slot: int, request: Request) -> None:
+        p = request.params
+        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(2**31))
+        key, prefill_key = jax.random.split(jax.random.key(seed))
+        row, seen, token, lp, prompt_lp = self._run_prefill(request.prompt_ids, p, prefill_key)
+        self.cache, self.seen, self.keys = self._insert(self.cache, row, self.seen, seen, self.keys, key, slot)
+        self.options["temperature"][slot] = p.temperature
+        self.options["top_k"][slot] = p.top_k
+        self.options["top_p"][slot] = p.top_p
+        self.options["penalty"][slot] = p.repetition_penalty
+        self.active[slot] = request
+        if p.prompt_logprobs:
+            n = len(request.prompt_ids)
+            request.prompt_logprobs = [None, *np.asarray(prompt_lp)[: n - 1].tolist()]
+        request.first_token_at = time.perf_counter()
+        self._accept(slot, int(token), float(lp))
+
+    def _do_step(self):
+        o = self.options
+        self.cache, token_S, lp_S, self.seen, self.keys = self._step(
+            self.params, self.cache, jnp.asarray(self.last), self.seen, self.keys,
+            jnp.asarray(o["temperature"]), jnp.asarray(o["top_k"]), jnp.asarray(o["top_p"]), jnp.asarray(o["penalty"]))
+        return np.asarray(token_S), np.asarray(lp_S)
+
+    def _generate(self) -> None:
+        tokens, logprobs = self._do_step()
+        for slot, request in enumerate(self.active):
+            if request is not None:
+                self._accept(slot, int(tokens[slot]), float(logprobs[slot]))
+
+    def _accept(self, slot: int, token: int, logprob: float) -> None:
+        """Takes the slot's new token; hands out text; finishes the request when done."""
+        request = self.active[slot]
+        self.last[slot] = token
+        if request.cancelled:
+            return self._finish(slot, "cancelled")
+        p = request.params
+        if token == self.eos_id and not p.ignore_eos:
+            return self._finish(slot, "eos")
+        request.ids.append(token)
+        text = self.tokenizer.decode(request.ids)
+        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text = text[:stop_at]
+        # Hold back what may still become a stop string, and incomplete UTF-8.
+        hold = max((len(s) - 1 for s in p.stop), default=0) if stop_at < 0 else 0
+        safe = text[: len(text) - hold] if hold else text
+        if safe.endswith("\ufffd") and stop_at < 0:
+            safe = safe.rstrip("\ufffd")
+        delta = safe[len(request.emitted):] if safe.startswith(request.emitted) else ""
+        request.emitted += delta
+        tok = Token(token, logprob, delta)
+        request.tokens.append(tok)
+        request.on_token(tok)
+        if stop_at >= 0:
+            return self._finish(slot, "stop", text)
+        if len(request.ids) >= p.max_new_tokens:
+            return self._finish(slot, "length", text)
+        return None
+
+    def _finish(self, slot: int, reason: str, text: str | None = None) -> None:
+        request = self.active[slot]
+        self.active[slot] = None
+        if text is None:
+            text = self.tokenizer.decode(request.ids) if request.ids else ""
+        if len(text) > len(request.emitted) and text.startswith(request.emitted):
+            rest = text[len(request.emitted):]  # text held back for stop strings, now final
+            request.emitted = text
+            request.on_token(Token(-1, 0.0, rest))  # id -1: text only, no new token
+        now = time.perf_counter()
+        first = request.first_token_at or now
+        request.on_done(Result(request.tokens, text, reason, len(request.prompt_ids), request.prompt_logprobs,
+                               first - request.created, now - first))
+
+    # ------------------------------------------------------------------ blocking helper
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 600) -> Result:
+        """Submits one request and waits for its result (the engine must be started)."""
+        done = threading.Event()
+        box: list[Result] = []
+        self.submit(Request(prompt_ids, params, on_done=lambda r: (box.append(r), done.set())))
+        if not done.wait(timeout):
+            raise TimeoutError("generation did not finish")
+        return box[0]

@@ -1,0 +1,291 @@
+"""The serving stack against a live server on localhost: the official `openai`
+client (completions, chat, streaming), plain HTTP for the TGI routes, greedy output
+equal to the offline decode, 16 and 64 requests in flight equal to one at a time,
+client mistakes answered 4xx (never 500) while the server keeps serving, int8
+weights within 1% perplexity of bfloat16 at about half the memory."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import requests
+from flax import nnx
+
+from maxllm.sample import greedy_generate
+from maxllm.serve.sampling import sample
+
+from conftest import QUICKSTART, TINY
+
+VALID = QUICKSTART / "tokens" / "valid"
+PROMPTS = [
+    "The function returns", "To create a table in PostgreSQL,", "In Django, a model", "SELECT", "import os\n",
+    "The server", "A database", "class Meta:", "Returns the", "If the value is", "The following example",
+    "Python is", "def main():", "CREATE INDEX", "The default", "See also",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained by maxllm on the quickstart shards (a run directory)."""
+    from maxllm.config import load_config
+    from maxllm.train import train
+
+    out = tmp_path_factory.mktemp("served")
+    cfg = load_config(TINY, [
+        f"run.output_dir={out}", "data.source=tokens", f"data.path={VALID}", "model.vocab_size=4096",
+        "model.d_model=128", "model.mlp_dim=256", "model.max_seq_len=256", "data.seq_len=64",
+        "train.steps=80", "train.lr=3e-3", "train.global_batch_size=16", "checkpoint.enabled=true",
+        "checkpoint.every_steps=80",
+    ])
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def live(trained):
+    """(base URL, Server) for a uvicorn server in a background thread."""
+    import uvicorn
+
+    from maxllm.serve.loader import build_server
+    from maxllm.serve.server import create_app
+
+    server = build_server(trained, dtype="float32", slots=4, max_total_tokens=128, model_name="tiny")
+    server.engine.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not web.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)  # waiting for the socket to open; no result depends on it
+    yield f"http://127.0.0.1:{port}", server
+    web.should_exit = True
+    thread.join(timeout=10)
+    server.engine.stop()
+
+
+def _offline(server, prompt: str, n: int) -> str:
+    tok = server.tokenizer
+    engine = server.engine
+    ids = greedy_generate(engine.graphdef, engine.params, [tok.encode(prompt)], n, engine.max_len, tok.eos_id)[0]
+    return tok.decode(ids)
+
+
+def _client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_completions_chat_and_streaming(live):
+    url, server = live
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0)
+    text = out.choices[0].text
+    assert text == _offline(server, PROMPTS[0], 20)  # greedy through the server = offline greedy decode
+    assert out.usage.completion_tokens == 20 and out.choices[0].finish_reason == "length"
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stream=True))
+    assert streamed == text
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=12, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == chat.choices[0].message.content
+
+    scored = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lps = scored.choices[0].logprobs.token_logprobs
+    assert lps[0] is None and all(lp <= 0 for lp in lps[1:])  # prompt log-probs, for evaluation
+
+    a = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    b = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text  # seeded sampling is reproducible
+
+
+def test_tgi_routes(live):
+    url, server = live
+    r = requests.post(f"{url}/generate", json={"inputs": PROMPTS[0], "parameters": {
+        "max_new_tokens": 20, "details": True, "decoder_input_details": True}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generated_text"] == _offline(server, PROMPTS[0], 20)
+    d = body["details"]
+    assert d["finish_reason"] == "length" and d["generated_tokens"] == 20 and len(d["tokens"]) == 20
+    assert d["prefill"][0]["logprob"] is None and len(d["prefill"]) == len(server.tokenizer.encode(PROMPTS[0]))
+
+    with requests.post(f"{url}/generate_stream", json={"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 20}},
+                       stream=True) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events[:-1]) == body["generated_text"]
+    assert events[-1]["generated_text"] == body["generated_text"] and events[-1]["details"]["finish_reason"] == "length"
+
+    stop = requests.post(f"{url}/generate", json={"inputs": PROMPTS[0], "parameters": {
+        "max_new_tokens": 20, "stop": [body["generated_text"][3:6]], "details": True}}).json()
+    assert stop["generated_text"] == body["generated_text"][:3] and stop["details"]["finish_reason"] == "stop_sequence"
+
+    info = requests.get(f"{url}/info").json()
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 128 and info["max_input_tokens"] == 127
+    assert requests.get(f"{url}/health").status_code == 200
+    metrics = requests.get(f"{url}/metrics").text
+    for name in ("maxllm_requests_total", "maxllm_prompt_tokens_total", "maxllm_generated_tokens_total",
+                 "maxllm_queue_depth", "maxllm_time_to_first_token_seconds_bucket",
+                 "maxllm_time_per_output_token_seconds_bucket"):
+        assert name in metrics, name
+
+
+def _complete(url, prompt, max_tokens):
+    r = requests.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                                     "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_requests_in_flight_equal_one_at_a_time(live):
+    url, _ = live
+    jobs = [(PROMPTS[i % 16] + " " * (i // 16), 4 + (7 * i) % 29) for i in range(64)]  # mixed lengths
+    alone = [_complete(url, p, n) for p, n in jobs[:16]]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda job: _complete(url, *job), jobs[:16]))
+    assert together == alone
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        many = list(pool.map(lambda job: _complete(url, *job), jobs))
+    expected = alone + [_complete(url, p, n) for p, n in jobs[16:]]
+    assert many == expected
+
+
+def test_client_mistakes_get_4xx_json_and_the_server_keeps_serving(live):
+    url, server = live
+    post = lambda path, **kw: requests.post(f"{url}{path}", **kw)  # noqa: E731
+    cases = [
+        post("/v1/completions", data="{not json", headers={"content-type": "application/json"}),
+        post("/v1/completions", json={"model": "tiny", "prompt": 5}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -3}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**9}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "word " * 400, "max_tokens": 4}),
+        post("/v1/completions", json={"model": "tiny", "prompt": [999999], "max_tokens": 4}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "", "max_tokens": 4}),
+        post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1}),
+        post("/v1/chat/completions", json={"model": "tiny", "messages": []}),
+        post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}),
+        post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 0}}),
+        post("/generate", json={"parameters": {}}),
+        post("/generate", json=[1, 2]),
+    ]
+    for r in cases:
+        assert r.status_code == 422, (r.status_code, r.text)
+        assert "error" in r.json()
+    unknown = post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "model_not_found"
+    assert "max_input_tokens is 127" in cases[5].json()["error"]["message"]
+    assert requests.get(f"{url}/nope").status_code == 404
+    assert requests.get(f"{url}/health").status_code == 200
+    assert _complete(url, PROMPTS[0], 20) == _offline(server, PROMPTS[0], 20)
+
+
+def test_too_many_in_flight_get_429_and_api_key_is_enforced(live):
+    url, server = live
+    server.cfg.max_concurrent_requests = 2
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(lambda i: requests.post(f"{url}/generate", json={
+                "inputs": PROMPTS[i], "parameters": {"max_new_tokens": 100}}).status_code, range(12)))
+    finally:
+        server.cfg.max_concurrent_requests = 128
+    assert set(codes) <= {200, 429} and codes.count(200) >= 2 and 429 in codes
+    server.cfg.api_key = "sekret"
+    try:
+        assert requests.get(f"{url}/v1/models").status_code == 401
+        assert requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+    finally:
+        server.cfg.api_key = None
+
+
+def test_disconnected_stream_frees_its_slot(live):
+    url, server = live
+    with requests.post(f"{url}/generate_stream", json={"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 120}},
+                       stream=True) as r:
+        lines = r.iter_lines()
+        next(lines)
+    deadline = time.monotonic() + 30
+    while server.engine.busy_slots:  # the cancelled request leaves at the engine's next step
+        assert time.monotonic() < deadline, "slot not freed"
+        time.sleep(0.02)
+    assert _complete(url, PROMPTS[1], 5)
+
+
+# ---------------------------------------------------------------------------------
+# Sampling and int8
+
+
+def test_sampling_options_match_their_definitions():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 50)) * 3, jnp.float32)
+    seen = jnp.zeros((4, 50), bool).at[:, :10].set(True)
+    keys = jax.random.split(jax.random.key(0), 4)
+    ones, zeros = jnp.ones(4), jnp.zeros(4)
+    greedy, lp = sample(logits, zeros, zeros.astype(int), ones, ones, seen, keys)
+    np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[jnp.arange(4), greedy], rtol=1e-6)
+    top1, _ = sample(logits, ones, jnp.ones(4, int), ones, ones, seen, keys)  # top-k 1 = greedy
+    np.testing.assert_array_equal(top1, greedy)
+    tiny_p, _ = sample(logits, ones, zeros.astype(int), jnp.full(4, 1e-6), ones, seen, keys)  # top-p -> the best token
+    np.testing.assert_array_equal(tiny_p, greedy)
+    # Repetition penalty as transformers defines it, on the seen tokens only.
+    pen = 2.0
+    ref = np.where(np.asarray(seen), np.where(np.asarray(logits) > 0, np.asarray(logits) / pen, np.asarray(logits) * pen),
+                   np.asarray(logits))
+    penalized, _ = sample(logits, zeros, zeros.astype(int), ones, jnp.full(4, pen), seen, keys)
+    np.testing.assert_array_equal(penalized, ref.argmax(-1))
+    # Draws follow the distribution: top-k 3 at temperature 1 over many keys.
+    many = jax.vmap(lambda k: sample(logits[:1], ones[:1], jnp.array([3]), ones[:1], ones[:1], seen[:1], k[None])[0][0])(
+        jax.random.split(jax.random.key(1), 4000))
+    top3 = np.argsort(-np.asarray(logits[0]))[:3]
+    p = np.exp(np.asarray(logits[0])[top3] - np.asarray(logits[0])[top3].max())
+    p /= p.sum()
+    freq = np.array([(np.asarray(many) == t).mean() for t in top3])
+    assert set(np.unique(np.asarray(many))) <= set(top3)
+    np.testing.assert_allclose(freq, p, atol=0.03)
+
+
+def test_int8_perplexity_within_1_percent_of_bfloat16_at_half_the_memory(trained):
+    from maxllm.data.sources import Manifest, token_shards
+    from maxllm.hf import load_pretrained
+    from maxllm.models import build_model
+    from maxllm.serve.quantize import quantize_params, weight_bytes
+
+    loaded = load_pretrained(trained)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(loaded.config.model, 0)))
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), loaded.params)
+    int8 = quantize_params(bf16)
+    docs = token_shards(Manifest.read(VALID))
+    rows = np.stack([np.resize(docs[i], 129) for i in range(len(docs))])  # held-out text, 128 targets a row
+
+    @jax.jit
+    def nll(params, rows):
+        model = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(128), (rows.shape[0], 128))
+        logits, _, _ = model(rows[:, :-1], positions)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return -jnp.take_along_axis(lp, rows[:, 1:, None], -1).mean()
+
+    ppl_bf16 = float(jnp.exp(nll(bf16, jnp.asarray(rows))))
+    ppl_int8 = float(jnp.exp(nll(int8, jnp.asarray(rows))))
+    assert abs(ppl_int8 - ppl_bf16) / ppl_bf16 <= 0.01, (ppl_bf16, ppl_int8)
+    assert ppl_bf16 < 4096 / 4  # trained: far better than uniform
+    ratio = weight_bytes(int8) / weight_bytes(bf16)
+    assert ratio <= 0.52, ratio
