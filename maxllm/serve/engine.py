@@ -82,6 +82,8 @@ class Request:
         self.ids: list[int] = []
         self.tokens: list[Token] = []
         self.emitted = ""  # text already handed out
+        self.text = ""  # decoded so far
+        self.prefix_offset = self.read_offset = 0  # incremental detokenization window
         self.first_token_at: float | None = None
         self.prompt_logprobs: list[float | None] | None = None
 
@@ -112,12 +114,13 @@ class Engine:
         S, V = slots, self.vocab
         self.seen = jnp.zeros((S, V), jnp.bool_)
         self.keys = jax.random.split(self._base_key, S)
-        self.options = {  # per slot
-            "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
-            "top_p": np.ones(S, np.float32), "penalty": np.ones(S, np.float32),
-        }
-        self.last = np.zeros(S, np.int32)
+        # Per-slot inputs of the step, kept on the device: the last token of each slot
+        # (the step's own output feeds the next step) and the sampling options.
+        self.last = jnp.zeros(S, jnp.int32)
+        self.options = (jnp.zeros(S, jnp.float32), jnp.zeros(S, jnp.int32), jnp.ones(S, jnp.float32),
+                        jnp.ones(S, jnp.float32))  # temperature, top_k, top_p, repetition penalty
         self.active: list[Request | None] = [None] * S
+        self._launched: tuple | None = None  # a step dispatched but not read yet, and who it was for
         self.pending: queue.Queue[Request] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -144,16 +147,17 @@ class Engine:
             seen = seen.at[0, token[0]].set(True)
             return cache, seen, token[0], lp[0], prompt_lp
 
-        def insert(cache, row, seen_all, seen_row, keys, key, slot):
+        def insert(cache, row, seen_all, seen_row, keys, key, last, token, options, values, slot):
             cache = {
                 k: jax.lax.dynamic_update_slice_in_dim(v, row[k].astype(v.dtype), slot, axis=axes[k])
                 for k, v in cache.items()
             }
             seen_all = jax.lax.dynamic_update_slice_in_dim(seen_all, seen_row, slot, axis=0)
-            keys = keys.at[slot].set(key)
-            return cache, seen_all, keys
+            options = tuple(o.at[slot].set(v.astype(o.dtype)) for o, v in zip(options, values))
+            return cache, seen_all, keys.at[slot].set(key), last.at[slot].set(token), options
 
-        def step(params, cache, last_S, seen_SV, keys_S, temperature, top_k, top_p, penalty):
+        def step(params, cache, last_S, seen_SV, keys_S, options):
+            temperature, top_k, top_p, penalty = options
             model = nnx.merge(graphdef, params)
             positions = cache["index"][:, None]
             logits_S1V, cache, _ = model(last_S[:, None], positions, jnp.ones_like(positions), cache)
@@ -163,14 +167,14 @@ class Engine:
             return cache, token_S, lp_S, seen_SV, split[:, 0]
 
         self._prefill = jax.jit(prefill)
-        self._insert = jax.jit(insert, donate_argnums=(0, 2, 4))
+        self._insert = jax.jit(insert, donate_argnums=(0, 2, 4, 8))  # not `last`: a pending step's output
         self._step = jax.jit(step, donate_argnums=(1, 3, 4))
 
     def warmup(self) -> None:
         """Compiles the step and every prefill bucket before serving."""
         for bucket in self.buckets:
             self._run_prefill([1] * min(bucket, self.max_len - 1), SamplingParams(max_new_tokens=1))
-        self._do_step()
+        jax.block_until_ready(self._launch())
 
     # ------------------------------------------------------------------ loop
 
@@ -213,6 +217,7 @@ class Engine:
                 self._generate()
             except Exception:  # never let one bad request stop the engine
                 log.exception("engine step failed; failing the requests in flight")
+                self._launched = None
                 for i, r in enumerate(self.active):
                     if r is not None:
                         self._finish(i, "error")
@@ -242,11 +247,9 @@ class Engine:
         seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(2**31))
         key, prefill_key = jax.random.split(jax.random.key(seed))
         row, seen, token, lp, prompt_lp = self._run_prefill(request.prompt_ids, p, prefill_key)
-        self.cache, self.seen, self.keys = self._insert(self.cache, row, self.seen, seen, self.keys, key, slot)
-        self.options["temperature"][slot] = p.temperature
-        self.options["top_k"][slot] = p.top_k
-        self.options["top_p"][slot] = p.top_p
-        self.options["penalty"][slot] = p.repetition_penalty
+        values = (jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.repetition_penalty))
+        self.cache, self.seen, self.keys, self.last, self.options = self._insert(
+            self.cache, row, self.seen, seen, self.keys, key, self.last, token, self.options, values, slot)
         self.active[slot] = request
         if p.prompt_logprobs:
             n = len(request.prompt_ids)
@@ -254,39 +257,50 @@ class Engine:
         request.first_token_at = time.perf_counter()
         self._accept(slot, int(token), float(lp))
 
-    def _do_step(self):
-        o = self.options
+    def _launch(self):
+        """Dispatches one step for every slot (asynchronously); returns its outputs."""
         self.cache, token_S, lp_S, self.seen, self.keys = self._step(
-            self.params, self.cache, jnp.asarray(self.last), self.seen, self.keys,
-            jnp.asarray(o["temperature"]), jnp.asarray(o["top_k"]), jnp.asarray(o["top_p"]), jnp.asarray(o["penalty"]))
-        return np.asarray(token_S), np.asarray(lp_S)
+            self.params, self.cache, self.last, self.seen, self.keys, self.options)
+        self.last = token_S
+        return token_S, lp_S
 
     def _generate(self) -> None:
-        tokens, logprobs = self._do_step()
+        """Reads the step dispatched last time and dispatches the next one first, so
+        the device computes step n+1 while the host hands out step n's tokens. A
+        slot whose request changed since a step was dispatched ignores its output."""
+        if self._launched is None:
+            self._launched = (self._launch(), list(self.active))
+        (tokens, logprobs), owners = self._launched
+        self._launched = (self._launch(), list(self.active))
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for slot, request in enumerate(self.active):
-            if request is not None:
+            if request is not None and owners[slot] is request:
                 self._accept(slot, int(tokens[slot]), float(logprobs[slot]))
+        if self.busy_slots == 0:
+            self._launched = None
 
     def _accept(self, slot: int, token: int, logprob: float) -> None:
         """Takes the slot's new token; hands out text; finishes the request when done."""
         request = self.active[slot]
-        self.last[slot] = token
         if request.cancelled:
             return self._finish(slot, "cancelled")
         p = request.params
         if token == self.eos_id and not p.ignore_eos:
             return self._finish(slot, "eos")
         request.ids.append(token)
-        text = self.tokenizer.decode(request.ids)
-        stop_at = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        request.text += self._detokenize(request)
+        text = request.text
+        stop_at = -1
+        if p.stop:  # a stop string can only end in the newest part of the text
+            window = len(text) - max(len(s) for s in p.stop) - 8
+            found = [i for i in (text.find(s, max(0, window)) for s in p.stop) if i >= 0]
+            stop_at = min(found, default=-1)
         if stop_at >= 0:
             text = text[:stop_at]
-        # Hold back what may still become a stop string, and incomplete UTF-8.
+        # Hold back what may still become a stop string.
         hold = max((len(s) - 1 for s in p.stop), default=0) if stop_at < 0 else 0
         safe = text[: len(text) - hold] if hold else text
-        if safe.endswith("\ufffd") and stop_at < 0:
-            safe = safe.rstrip("\ufffd")
-        delta = safe[len(request.emitted):] if safe.startswith(request.emitted) else ""
+        delta = safe[len(request.emitted):] if len(safe) > len(request.emitted) else ""
         request.emitted += delta
         tok = Token(token, logprob, delta)
         request.tokens.append(tok)
@@ -297,11 +311,25 @@ class Engine:
             return self._finish(slot, "length", text)
         return None
 
+    def _detokenize(self, request: Request) -> str:
+        """The text the newest token adds, decoding only a short window of ids (as
+        TGI does): the text of ids[prefix:] minus that of ids[prefix:read]. Held
+        while the window ends in an incomplete UTF-8 sequence."""
+        ids = request.ids
+        before = self.tokenizer.decode(ids[request.prefix_offset:request.read_offset])
+        after = self.tokenizer.decode(ids[request.prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+            return after[len(before):]
+        return ""
+
     def _finish(self, slot: int, reason: str, text: str | None = None) -> None:
         request = self.active[slot]
         self.active[slot] = None
         if text is None:
             text = self.tokenizer.decode(request.ids) if request.ids else ""
+        elif text == request.text and request.ids:
+            text = self.tokenizer.decode(request.ids)  # the whole, in case a window held bytes back
         if len(text) > len(request.emitted) and text.startswith(request.emitted):
             rest = text[len(request.emitted):]  # text held back for stop strings, now final
             request.emitted = text
