@@ -289,3 +289,35 @@ def test_int8_perplexity_within_1_percent_of_bfloat16_at_half_the_memory(trained
     assert ppl_bf16 < 4096 / 4  # trained: far better than uniform
     ratio = weight_bytes(int8) / weight_bytes(bf16)
     assert ratio <= 0.52, ratio
+
+
+def test_the_serve_command_starts_serves_and_stops(trained):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "maxllm.serve", "--model", str(trained), "--port", str(port),
+                             "--max-total-tokens", "64", "--slots", "2", "--quantize", "int8", "--api-key", "k"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)  # waiting for the port to open; no result depends on it
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
+                          json={"model": trained.name, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        assert requests.get(f"http://127.0.0.1:{port}/info", headers={"Authorization": "Bearer k"}).json()["model_dtype"] == "int8"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

@@ -254,8 +254,9 @@ class Engine:
         if p.prompt_logprobs:
             n = len(request.prompt_ids)
             request.prompt_logprobs = [None, *np.asarray(prompt_lp)[: n - 1].tolist()]
+        token, lp = int(token), float(lp)  # waits for the prefill
         request.first_token_at = time.perf_counter()
-        self._accept(slot, int(token), float(lp))
+        self._accept(slot, token, lp)
 
     def _launch(self):
         """Dispatches one step for every slot (asynchronously); returns its outputs."""

@@ -18,14 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "bfloat16", slots: int = 8,
-                max_total_tokens: int | None = None, warmup: bool = True, scan_layers: bool = True):
+                max_total_tokens: int | None = None, warmup: bool = True, scan_layers: bool | None = None):
     """(engine, tokenizer, config, chat template) for the model at `path`."""
     from maxllm.data import open_tokenizer
     from maxllm.hf import load_pretrained
     from maxllm.models import build_model
     from maxllm.serve.quantize import quantize_params, weight_bytes
 
-    loaded = load_pretrained(path, [f"model.scan_layers={str(scan_layers).lower()}", "model.remat=none"])
+    overrides = ["model.remat=none"]  # no gradients when serving
+    if scan_layers is not None:
+        overrides.append(f"model.scan_layers={str(scan_layers).lower()}")
+    loaded = load_pretrained(path, overrides)
     cfg = loaded.config
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
     if tokenizer is None:
