@@ -78,9 +78,13 @@ class Attention(nnx.Module):
             mask = AttentionMask(segment_ids_BT, positions_BT, segment_ids_BT, positions_BT, True)
             out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, self.cfg.attention)
         else:
-            index_B = kv_cache["index"]
-            k_BSKH = _write_rows(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), index_B)
-            v_BSKH = _write_rows(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), index_B)
+            # The whole stacked cache comes in; only this layer's new rows are written,
+            # in place, and this layer's keys and values read back.
+            index_B, layer = kv_cache["index"], kv_cache["layer"]
+            k_all = _write_layer_rows(kv_cache["k"], layer, k_BTKH.astype(kv_cache["k"].dtype), index_B)
+            v_all = _write_layer_rows(kv_cache["v"], layer, v_BTKH.astype(kv_cache["v"].dtype), index_B)
+            k_BSKH = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
+            v_BSKH = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
             mask = AttentionMask(
                 segment_ids_BT,
                 positions_BT,
@@ -89,7 +93,7 @@ class Attention(nnx.Module):
                 False,
             )
             out_BTNH = attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, "xla")
-            kv_cache = {**kv_cache, "k": k_BSKH, "v": v_BSKH}
+            kv_cache = {**kv_cache, "k": k_all, "v": v_all}
         out_BTNH = checkpoint_name(out_BTNH, "attn_out")
         out_BTD = dense(out_BTNH, self.wo[...].astype(dt), contract=2)
         return out_BTD, kv_cache
@@ -145,30 +149,39 @@ class Llama(nnx.Module):
         return logits_BTV, cache, {}
 
     def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache):
-        """Scans (or loops) one block over the stacked layer parameters."""
+        """Scans (or loops) one block over the stacked layer parameters. With a
+        decode cache, the stacked keys and values ride along in the carry, so each
+        layer writes its new rows in place instead of the cache being copied."""
         graphdef, stacked = nnx.split(self.layers)
-        shared = None if cache is None else {k: cache[k] for k in ("positions", "segment_ids", "index")}
+        if cache is None:
 
-        def body(x_BTD, layer):
-            params, kv = layer
-            block = nnx.merge(graphdef, params)
-            kv_cache = None if kv is None else {**shared, **kv}
-            x_BTD, kv_cache = block(x_BTD, positions_BT, segment_ids_BT, kv_cache)
-            return x_BTD, (None if kv_cache is None else {"k": kv_cache["k"], "v": kv_cache["v"]})
+            def body(x_BTD, params):
+                x_BTD, _ = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, None)
+                return x_BTD, None
 
-        body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
-        per_layer = (stacked, None if cache is None else {"k": cache["k"], "v": cache["v"]})
+            body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
+            if self.cfg.scan_layers:
+                x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+            else:
+                for i in range(self.cfg.num_layers):
+                    x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
+            return x_BTD, None
+
+        def decode_body(carry, layer):
+            x_BTD, k_all, v_all = carry
+            params, i = layer
+            kv_cache = {**cache, "k": k_all, "v": v_all, "layer": i}
+            x_BTD, kv_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, kv_cache)
+            return (x_BTD, kv_cache["k"], kv_cache["v"]), None
+
+        carry = (x_BTD, cache["k"], cache["v"])
         if self.cfg.scan_layers:
-            x_BTD, kv = jax.lax.scan(body, x_BTD, per_layer)
+            carry, _ = jax.lax.scan(decode_body, carry, (stacked, jnp.arange(self.cfg.num_layers)))
         else:
-            outs = []
             for i in range(self.cfg.num_layers):
-                x_BTD, kv_i = body(x_BTD, jax.tree.map(lambda a: a[i], per_layer))
-                outs.append(kv_i)
-            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        if cache is not None:
-            cache = {**cache, **kv}
-        return x_BTD, cache
+                carry, _ = decode_body(carry, (jax.tree.map(lambda a: a[i], stacked), i))
+        x_BTD, k_all, v_all = carry
+        return x_BTD, {**cache, "k": k_all, "v": v_all}
 
     # Which axis of each cache entry is the batch (a decode slot): the serving engine
     # inserts one prefilled row into a slot along it, whatever the family's cache.
@@ -197,6 +210,16 @@ def _write_rows(buf_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array) -> j
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(
         buf_BS_, new_BT_, index_B
     )
+
+
+def _write_layer_rows(buf_LBS_: jax.Array, layer, new_BT_: jax.Array, index_B: jax.Array) -> jax.Array:
+    """Writes row b's T new entries at [layer, b, index_b : index_b + T] (a
+    scatter, done in place on a donated or loop-carried buffer). Entries past the
+    cache length are dropped: callers size the cache for prompt + generation."""
+    B, T = new_BT_.shape[:2]
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    cols_BT = index_B[:, None] + jnp.arange(T)[None, :]
+    return buf_LBS_.at[layer, rows_BT, cols_BT].set(new_BT_, mode="drop")
 
 
 def _cache_append_meta(cache: Cache, positions_BT, segment_ids_BT) -> Cache:

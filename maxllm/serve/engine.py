@@ -75,6 +75,9 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.on_token = on_token or (lambda token: None)
+        # Text per token is only worked out when someone reads it as it comes (a
+        # stream) or stop strings must be matched; otherwise once, at the end.
+        self.wants_text = on_token is not None or bool(params.stop)
         self.on_done = on_done or (lambda result: None)
         self.cancelled = False
         self.created = time.perf_counter()
@@ -289,6 +292,11 @@ class Engine:
         if token == self.eos_id and not p.ignore_eos:
             return self._finish(slot, "eos")
         request.ids.append(token)
+        if not request.wants_text:
+            request.tokens.append(Token(token, logprob, ""))
+            if len(request.ids) >= p.max_new_tokens:
+                return self._finish(slot, "length")
+            return None
         request.text += self._detokenize(request)
         text = request.text
         stop_at = -1

@@ -384,7 +384,8 @@ def create_app(server: Server) -> FastAPI:
         )
 
     def tgi_token(t: Token) -> dict:
-        return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.id == server.engine.eos_id}
+        text = t.text or server.tokenizer.decode([t.id])  # non-streamed tokens carry no text of their own
+        return {"id": t.id, "text": text, "logprob": t.logprob, "special": t.id == server.engine.eos_id}
 
     def tgi_details(result: Result, p: TGIParameters, ids: list[int]) -> dict:
         details = {"finish_reason": _tgi_reason(result.finish_reason), "generated_tokens": len(result.tokens),
