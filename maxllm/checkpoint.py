@@ -77,20 +77,9 @@ class Checkpointer:
     def _check_params(self, step: int, abstract_params: Any) -> None:
         """Compares saved parameter names and shapes with the config's before reading."""
         saved_meta = self.manager.item_metadata(step)["state"]["params"]
-        saved = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(saved_meta)}
-        wanted = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(abstract_params)}
-        if saved == wanted:
-            return
-        diffs = [
-            f"{k}: saved {saved.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
-            for k in sorted(set(saved) | set(wanted))
-            if saved.get(k) != wanted.get(k)
-        ]
-        raise CheckpointMismatch(
-            f"{self.directory}/{step}: the checkpoint's parameters do not fit this config "
-            f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); resume with the config "
-            "it was saved with, or set run.output_dir to a new directory"
-        )
+        saved = {tuple(str(k.key) for k in p): tuple(x.shape) for p, x in _flat(saved_meta)}
+        check_param_shapes(f"{self.directory}/{step}", saved, abstract_params,
+                           hint="resume with the config it was saved with, or set run.output_dir to a new directory")
 
     def has_optimizer_state(self, step: int) -> bool:
         """False for a parameters-only checkpoint (what maxllm.import_hf writes)."""
@@ -189,7 +178,8 @@ class StateReader:
         return out["params"]
 
 
-def check_param_shapes(where: str, saved: dict[tuple[str, ...], tuple[int, ...]], abstract_params: Any) -> None:
+def check_param_shapes(where: str, saved: dict[tuple[str, ...], tuple[int, ...]], abstract_params: Any,
+                       hint: str | None = None) -> None:
     """Raises CheckpointMismatch naming the parameters whose names or shapes differ."""
     wanted = {tuple(str(k.key) for k in p): tuple(x.shape) for p, x in _flat(abstract_params)}
     if saved == wanted:
@@ -201,5 +191,5 @@ def check_param_shapes(where: str, saved: dict[tuple[str, ...], tuple[int, ...]]
     ]
     raise CheckpointMismatch(
         f"{where}: the parameters do not fit this config ({'; '.join(diffs[:3])}"
-        f"{'; ...' if len(diffs) > 3 else ''})"
+        f"{'; ...' if len(diffs) > 3 else ''})" + (f"; {hint}" if hint else "")
     )

@@ -58,10 +58,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class CompletionBody(_Body):
+class _OpenAIBody(_Body):
+    """Fields both OpenAI routes take (top_k and repetition_penalty as vLLM adds them)."""
+
     model: str
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -70,6 +70,11 @@ class CompletionBody(_Body):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+
+
+class CompletionBody(_OpenAIBody):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -79,19 +84,10 @@ class Message(_Body):
     content: str
 
 
-class ChatBody(_Body):
-    model: str
+class ChatBody(_OpenAIBody):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    n: Literal[1] = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
     logprobs: bool = False
 
 
