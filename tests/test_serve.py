@@ -321,3 +321,23 @@ def test_the_serve_command_starts_serves_and_stops(trained):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_an_exported_hf_folder_serves_like_its_run(trained, tmp_path):
+    from maxllm.hf import export_run
+    from maxllm.serve.engine import SamplingParams
+    from maxllm.serve.loader import load_engine
+
+    hf = export_run(trained, tmp_path / "hf", dtype="float32")
+    engine, tokenizer, cfg, _ = load_engine(hf, dtype="float32", slots=2, max_total_tokens=64)
+    assert cfg.model.d_model == 128 and tokenizer.path.endswith("tokenizer.json")  # the folder's own tokenizer
+    run_engine, run_tokenizer, _, _ = load_engine(trained, dtype="float32", slots=2, max_total_tokens=64, warmup=False)
+    prompt = run_tokenizer.encode(PROMPTS[0])
+    assert tokenizer.encode(PROMPTS[0]) == prompt
+    engine.start()
+    try:
+        result = engine.generate(prompt, SamplingParams(max_new_tokens=12))
+    finally:
+        engine.stop()
+    expected = greedy_generate(run_engine.graphdef, run_engine.params, [prompt], 12, 64, run_tokenizer.eos_id)[0]
+    assert [t.id for t in result.tokens] == expected[:len(result.tokens)] and result.tokens
