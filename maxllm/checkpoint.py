@@ -147,7 +147,7 @@ class StateReader:
         if not self.path.exists():
             raise ConfigError(f"{self.path}: checkpoint step {step} not found")
         self._ckptr = ocp.PyTreeCheckpointer()
-        self.tree = self._ckptr.metadata(self.path).item_metadata.tree
+        self.tree = ocp.PyTreeCheckpointHandler().metadata(self.path).tree  # (the step-level read warns)
 
     def has_optimizer_state(self) -> bool:
         return "opt_state" in self.tree
