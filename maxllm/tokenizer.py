@@ -3,6 +3,7 @@ and Hugging Face `tokenizer.json` files (imported models)."""
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used; the message names it."""
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """encode/decode plus the ids training and sampling need."""
 
     path: str
@@ -19,14 +20,11 @@ class Tokenizer:
     eos_id: int
     bos_id: int | None
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
 
     @staticmethod
     def load(path: str | Path) -> "Tokenizer":
@@ -56,9 +54,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -101,9 +96,6 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

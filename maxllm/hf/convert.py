@@ -35,14 +35,18 @@ LeafPath = tuple[str, ...]
 DTYPE_NAMES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
 
-def param_shapes(model_cfg: Any) -> dict[LeafPath, tuple[int, ...]]:
-    """Our parameter leaves and shapes for `model_cfg`, without allocating them."""
+def abstract_params(model_cfg: Any) -> dict:
+    """Our parameter tree for `model_cfg` as float32 ShapeDtypeStructs, unallocated."""
     from flax import nnx
 
     from maxllm.models import build_model
 
-    abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, 0))))
+
+
+def param_shapes(model_cfg: Any) -> dict[LeafPath, tuple[int, ...]]:
+    """Our parameter leaves and shapes for `model_cfg`, by path."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(model_cfg))[0]
     return {tuple(str(k.key) for k in path): tuple(x.shape) for path, x in flat}
 
 
@@ -115,7 +119,7 @@ def export_params(
             current["leaf"] = np.asarray(get_leaf(row.ours))
             current["path"] = row.ours
         x = current["leaf"] if layer is None else current["leaf"][layer]
-        return row.transform.to_hf(np.asarray(x, np.float32) if x.dtype != np_dtype else x).astype(np_dtype)
+        return row.transform.to_hf(x).astype(np_dtype, copy=False)
 
     weight_map = {}
     for file, group in zip(files, groups):
@@ -210,8 +214,7 @@ def export_run(
     cfg = run_config(run_dir)
     ckpt = _checkpoint_root(run_dir, cfg)
     reader = StateReader(ckpt, step)
-    shapes = param_shapes(cfg.model)
-    check_param_shapes(str(reader.path), reader.param_shapes(), _abstract(shapes))
+    check_param_shapes(str(reader.path), reader.param_shapes(), abstract_params(cfg.model))
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
     np_dtype = DTYPE_NAMES[dtype] if dtype in DTYPE_NAMES else None
     info = ExportInfo(cfg, reader.step, reader.step * cfg.train.global_batch_size * cfg.data.seq_len)
@@ -221,17 +224,6 @@ def export_run(
         bos_id=tokenizer.bos_id if tokenizer else None, eos_id=tokenizer.eos_id if tokenizer else None,
         chat_template=chat_template, overwrite=overwrite,
     )
-
-
-def _abstract(shapes: dict[LeafPath, tuple[int, ...]]) -> dict:
-    """A nested dict of ShapeDtypeStructs from flat leaf shapes."""
-    tree: dict = {}
-    for path, shape in shapes.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
-    return tree
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
@@ -342,7 +334,6 @@ def hf_run_config(hf: HFModel, base: str | Path = BASE_CONFIG, overrides: list[s
 class Pretrained:
     config: Config
     params: Any  # nested dict of jax.Arrays
-    source: str  # "run" or "hf"
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -356,8 +347,7 @@ def load_params(path: str | Path, model_cfg: LlamaConfig, shardings: Any | None 
     from maxllm.checkpoint import StateReader, check_param_shapes
 
     path = Path(path)
-    shapes = param_shapes(model_cfg)
-    abstract = _abstract(shapes)
+    abstract = abstract_params(model_cfg)
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if is_hf_folder(path):
@@ -389,6 +379,6 @@ def load_pretrained(path: str | Path, overrides: list[str] | None = None) -> Pre
         hf = read_hf_model(path)
         cfg = hf_run_config(hf, overrides=overrides)
         hf.tensors.close()
-        return Pretrained(cfg, load_params(path, cfg.model), "hf")
-    cfg = run_config(path, overrides)
-    return Pretrained(cfg, load_params(path, cfg.model), "run")
+    else:
+        cfg = run_config(path, overrides)
+    return Pretrained(cfg, load_params(path, cfg.model))

@@ -276,7 +276,7 @@ class Engine:
             self._launched = (self._launch(), list(self.active))
         (tokens, logprobs), owners = self._launched
         self._launched = (self._launch(), list(self.active))
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        tokens, logprobs = jax.device_get((tokens, logprobs))  # one host sync per step
         for slot, request in enumerate(self.active):
             if request is not None and owners[slot] is request:
                 self._accept(slot, int(tokens[slot]), float(logprobs[slot]))
