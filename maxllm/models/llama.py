@@ -27,7 +27,7 @@ from flax import nnx
 
 from maxllm.config import LlamaConfig
 from maxllm.mesh import constrain
-from maxllm.models.attention import AttentionMask, attention
+from maxllm.models.attention import AttentionMask, attention, cached_attention
 from maxllm.models.layers import (
     Embed,
     RMSNorm,
@@ -41,6 +41,7 @@ from maxllm.models.layers import (
 )
 
 Cache = dict[str, jax.Array]
+KEY_S_AXIS, VALUE_S_AXIS = 3, 2  # the length axis of the cached keys and values
 
 
 class Attention(nnx.Module):
@@ -78,13 +79,11 @@ class Attention(nnx.Module):
             mask = AttentionMask(segment_ids_BT, positions_BT, segment_ids_BT, positions_BT, True)
             out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, self.cfg.attention)
         else:
-            # The whole stacked cache comes in; only this layer's new rows are written,
-            # in place, and this layer's keys and values read back.
-            index_B, layer = kv_cache["index"], kv_cache["layer"]
-            k_all = _write_layer_rows(kv_cache["k"], layer, k_BTKH.astype(kv_cache["k"].dtype), index_B)
-            v_all = _write_layer_rows(kv_cache["v"], layer, v_BTKH.astype(kv_cache["v"].dtype), index_B)
-            k_BSKH = jax.lax.dynamic_index_in_dim(k_all, layer, axis=0, keepdims=False)
-            v_BSKH = jax.lax.dynamic_index_in_dim(v_all, layer, axis=0, keepdims=False)
+            # This layer's own key and value buffers: the new rows are written in
+            # place and attention reads the buffers as they lie.
+            index_B = kv_cache["index"]
+            k_BKHS = _write_rows_at(kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), index_B, KEY_S_AXIS)
+            v_BKSH = _write_rows_at(kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), index_B, VALUE_S_AXIS)
             mask = AttentionMask(
                 segment_ids_BT,
                 positions_BT,
@@ -92,8 +91,8 @@ class Attention(nnx.Module):
                 kv_cache["positions"],
                 False,
             )
-            out_BTNH = attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask, "xla")
-            kv_cache = {**kv_cache, "k": k_all, "v": v_all}
+            out_BTNH = cached_attention(q_BTNH, k_BKHS.astype(dt), v_BKSH.astype(dt), mask)
+            kv_cache = {**kv_cache, "k": k_BKHS, "v": v_BKSH}
         out_BTNH = checkpoint_name(out_BTNH, "attn_out")
         out_BTD = dense(out_BTNH, self.wo[...].astype(dt), contract=2)
         return out_BTD, kv_cache
@@ -128,8 +127,13 @@ class Llama(nnx.Module):
         positions_BT: jax.Array,
         segment_ids_BT: jax.Array | None = None,
         cache: Cache | None = None,
+        logit_index_B: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
-        """Logits (B, T, V) in float32, the updated cache (or None), aux losses ({})."""
+        """Logits (B, T, V) in float32, the updated cache (or None), aux losses ({}).
+
+        With `logit_index_B`, only the logits at that index of each row, (B, 1, V):
+        a prefill needs the last prompt token's, and the output projection over
+        every position would cost as much as a third of the forward."""
         cfg = self.cfg
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones_like(tokens_BT)
@@ -137,6 +141,8 @@ class Llama(nnx.Module):
         if cache is not None:
             cache = _cache_append_meta(cache, positions_BT, segment_ids_BT)
         x_BTD, cache = self._run_layers(x_BTD, positions_BT, segment_ids_BT, cache)
+        if logit_index_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logit_index_B[:, None, None], axis=1)
         x_BTD = self.final_norm(x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = self.embed.attend(x_BTD)
@@ -149,9 +155,10 @@ class Llama(nnx.Module):
         return logits_BTV, cache, {}
 
     def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache):
-        """Scans (or loops) one block over the stacked layer parameters. With a
-        decode cache, the stacked keys and values ride along in the carry, so each
-        layer writes its new rows in place instead of the cache being copied."""
+        """Scans (or loops) one block over the stacked layer parameters. A decode
+        cache holds one key and one value buffer per layer; unrolled, each layer
+        writes its new rows into its own buffers in place and reads them without a
+        copy (a slice of a stacked cache would be copied every step)."""
         graphdef, stacked = nnx.split(self.layers)
         if cache is None:
 
@@ -167,38 +174,41 @@ class Llama(nnx.Module):
                     x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
             return x_BTD, None
 
-        def decode_body(carry, layer):
-            x_BTD, k_all, v_all = carry
-            params, i = layer
-            kv_cache = {**cache, "k": k_all, "v": v_all, "layer": i}
-            x_BTD, kv_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, kv_cache)
-            return (x_BTD, kv_cache["k"], kv_cache["v"]), None
+        def decode_body(x_BTD, layer):
+            params, k, v = layer
+            x_BTD, kv_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT,
+                                                          {**cache, "k": k, "v": v})
+            return x_BTD, (kv_cache["k"], kv_cache["v"])
 
-        carry = (x_BTD, cache["k"], cache["v"])
-        if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(decode_body, carry, (stacked, jnp.arange(self.cfg.num_layers)))
+        if self.cfg.scan_layers:  # compiles once for any depth; copies the cache per step
+            x_BTD, (k_L, v_L) = jax.lax.scan(decode_body, x_BTD, (stacked, jnp.stack(cache["k"]), jnp.stack(cache["v"])))
+            ks, vs = list(k_L), list(v_L)
         else:
+            ks, vs = [], []
             for i in range(self.cfg.num_layers):
-                carry, _ = decode_body(carry, (jax.tree.map(lambda a: a[i], stacked), i))
-        x_BTD, k_all, v_all = carry
-        return x_BTD, {**cache, "k": k_all, "v": v_all}
+                layer = (jax.tree.map(lambda a: a[i], stacked), cache["k"][i], cache["v"][i])
+                x_BTD, (k, v) = decode_body(x_BTD, layer)
+                ks.append(k)
+                vs.append(v)
+        return x_BTD, {**cache, "k": ks, "v": vs}
 
-    # Which axis of each cache entry is the batch (a decode slot): the serving engine
+    # Which axis of each cache leaf is the batch (a decode slot): the serving engine
     # inserts one prefilled row into a slot along it, whatever the family's cache.
-    CACHE_BATCH_AXES = {"k": 1, "v": 1, "positions": 0, "segment_ids": 0, "index": 0}
+    CACHE_BATCH_AXES = {"k": 0, "v": 0, "positions": 0, "segment_ids": 0, "index": 0}
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
-        """An empty decode cache: per-layer keys and values plus, per row, the
+        """An empty decode cache: for each layer, keys (B, K, H, S) and values
+        (B, K, S, H), the layouts attention reads them in; and per row, the
         positions and segment ids of what is stored and the next write index.
 
         Callers size it: a write past `length` is clamped by dynamic_update_slice
         and would overwrite the newest entries, so prompt + generation <= length."""
         cfg = self.cfg
         dtype = dtype or compute_dtype(cfg.dtype)
-        kv_shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size)
+        L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_size
         return {
-            "k": jnp.zeros(kv_shape, dtype),
-            "v": jnp.zeros(kv_shape, dtype),
+            "k": [jnp.zeros((batch, K, H, length), dtype) for _ in range(L)],  # KEY_S_AXIS = 3
+            "v": [jnp.zeros((batch, K, length, H), dtype) for _ in range(L)],  # VALUE_S_AXIS = 2
             "positions": jnp.zeros((batch, length), jnp.int32),
             "segment_ids": jnp.zeros((batch, length), jnp.int32),
             "index": jnp.zeros((batch,), jnp.int32),
@@ -212,14 +222,18 @@ def _write_rows(buf_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array) -> j
     )
 
 
-def _write_layer_rows(buf_LBS_: jax.Array, layer, new_BT_: jax.Array, index_B: jax.Array) -> jax.Array:
-    """Writes row b's T new entries at [layer, b, index_b : index_b + T] (a
-    scatter, done in place on a donated or loop-carried buffer). Entries past the
-    cache length are dropped: callers size the cache for prompt + generation."""
-    B, T = new_BT_.shape[:2]
+def _write_rows_at(buf: jax.Array, new_BTKH: jax.Array, index_B: jax.Array, s_axis: int) -> jax.Array:
+    """Writes row b's T new entries at [b, ..., index_b : index_b + T, ...] of a
+    (B, K, H, S) or (B, K, S, H) buffer, `s_axis` its length axis (a scatter, in
+    place on a donated buffer). Entries past the cache length are dropped:
+    callers size the cache for prompt + generation."""
+    B, T = new_BTKH.shape[:2]
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     cols_BT = index_B[:, None] + jnp.arange(T)[None, :]
-    return buf_LBS_.at[layer, rows_BT, cols_BT].set(new_BT_, mode="drop")
+    # The two index arrays are apart (slices between), so the indexed axes lead
+    # the update: (B, T, K, H) for either layout.
+    index = (rows_BT, slice(None), cols_BT) if s_axis == 2 else (rows_BT, slice(None), slice(None), cols_BT)
+    return buf.at[index].set(new_BTKH, mode="drop")
 
 
 def _cache_append_meta(cache: Cache, positions_BT, segment_ids_BT) -> Cache:

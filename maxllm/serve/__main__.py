@@ -3,6 +3,7 @@
     python -m maxllm.serve --model PATH [--quantize int8] [--port 8000] [--host 127.0.0.1]
         [--slots 8] [--max-total-tokens 2048] [--max-input-tokens N] [--max-concurrent-requests 128]
         [--dtype bfloat16|float32] [--api-key KEY] [--served-model-name NAME]
+        [--max-batch-prefill-tokens 4096] [--scan-layers]
 
 PATH is a maxllm run directory (newest checkpoint) or a Hugging Face folder.
 """
@@ -26,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="in flight at once; more get 429")
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
+    parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096,
+                        help="most prompt tokens (padded) in one batched prefill")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="scan the layer stack: compiles faster for deep models, decodes slower")
     args = parser.parse_args(argv)
+    if args.max_batch_prefill_tokens < 1:
+        parser.error("--max-batch-prefill-tokens must be positive")
 
     from maxllm.cli import log_to_stderr
     from maxllm.serve.loader import build_server
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         server = build_server(args.model, quantize=args.quantize, dtype=args.dtype, slots=args.slots,
                               max_total_tokens=args.max_total_tokens, max_input_tokens=args.max_input_tokens,
                               max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
-                              model_name=args.served_model_name)
+                              model_name=args.served_model_name, scan_layers=args.scan_layers,
+                              max_prefill_tokens=args.max_batch_prefill_tokens)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -102,13 +102,36 @@ def length_buckets(max_len: int, smallest: int = 16) -> list[int]:
     return [*buckets, max_len]
 
 
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """The parameter tree with the layer stack held as one tree per layer.
+
+    For a model that runs its layers unrolled: slicing layer i out of a stacked
+    weight inside the jitted step is a copy on XLA:CPU (every weight, every
+    token), while `restack_layers` on separate arrays followed by that slice
+    simplifies to the layer's own array, read in place."""
+    stacked = params["layers"]
+    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+    return {**params, "layers": layers}
+
+
+def restack_layers(params: dict) -> dict:
+    """Inside jit: the stacked tree the model expects, from `unstack_layers`'."""
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
 class Engine:
     def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer, *, slots: int = 8, max_len: int = 512,
-                 seed: int = 0):
-        self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+                 seed: int = 0, max_prefill_tokens: int = 4096):
+        self.graphdef, self.tokenizer = graphdef, tokenizer
         self.slots, self.max_len = slots, max_len
         self.buckets = length_buckets(max_len)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.counts = sorted({2**i for i in range(slots.bit_length()) if 2**i < slots} | {slots})
+        self._shapes = set(self.prefill_shapes())
         model = nnx.merge(graphdef, params)
+        self.unrolled = not model.cfg.scan_layers and isinstance(params.get("layers"), dict)
+        # The weights as the jitted parts take them (one tree per layer when unrolled).
+        self._weights = unstack_layers(params, model.cfg.num_layers) if self.unrolled else params
         self.vocab = model.cfg.vocab_size
         self.batch_axes = model.CACHE_BATCH_AXES
         self.cache = jax.jit(lambda: model.init_cache(slots, max_len))()
@@ -130,54 +153,87 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._compile()
 
+    @property
+    def params(self) -> Any:
+        """The model's parameter tree (layers stacked; a copy when they run unrolled)."""
+        return restack_layers(self._weights) if self.unrolled else self._weights
+
     # ------------------------------------------------------------------ jitted parts
 
     def _compile(self) -> None:
         graphdef, max_len, axes = self.graphdef, self.max_len, self.batch_axes
+        restack = restack_layers if self.unrolled else (lambda params: params)
 
-        def prefill(params, tokens_1P, length, temperature, top_k, top_p, penalty, key):
-            model = nnx.merge(graphdef, params)
-            P = tokens_1P.shape[1]
-            positions = jnp.arange(P, dtype=jnp.int32)[None]
-            segments = (positions < length).astype(jnp.int32)
-            cache = model.init_cache(1, max_len)
-            logits_1PV, cache, _ = model(tokens_1P, positions, segments, cache)
-            logprobs = jax.nn.log_softmax(logits_1PV[0].astype(jnp.float32), axis=-1)
-            prompt_lp = jnp.take_along_axis(logprobs[:-1], tokens_1P[0, 1:, None], axis=-1)[:, 0]
-            seen = jnp.zeros((1, logits_1PV.shape[-1]), jnp.bool_).at[0, tokens_1P[0]].max(segments[0] > 0)
-            last = jax.lax.dynamic_slice_in_dim(logits_1PV[0], length - 1, 1, axis=0)
-            token, lp = sample(last, temperature[None], top_k[None], top_p[None], penalty[None], seen, key[None])
-            seen = seen.at[0, token[0]].set(True)
-            return cache, seen, token[0], lp[0], prompt_lp
+        def prefill(params, tokens_nP, lengths_n, seeds_n, options, prompt_logprobs):
+            """n prompts at once (right-padded to one length bucket; padding rows
+            have length 0): their caches, seen-token sets, first tokens and
+            log-probs, the slots' PRNG keys, and the prompt log-probs if asked."""
+            temperature, top_k, top_p, penalty = options
+            model = nnx.merge(graphdef, restack(params))
+            n, P = tokens_nP.shape
+            positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (n, P))
+            segments = (positions < lengths_n[:, None]).astype(jnp.int32)
+            cache = model.init_cache(n, max_len)
+            last_n = jnp.maximum(lengths_n - 1, 0)
+            logits, cache, _ = model(tokens_nP, positions, segments, cache,
+                                     logit_index_B=None if prompt_logprobs else last_n)
+            if prompt_logprobs:
+                logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+                prompt_lp = jnp.take_along_axis(logprobs, tokens_nP[:, 1:, None], axis=-1)[..., 0]
+                logits = jnp.take_along_axis(logits, last_n[:, None, None], axis=1)
+            else:
+                prompt_lp = jnp.zeros((n, 0), jnp.float32)
+            rows = jnp.broadcast_to(jnp.arange(n)[:, None], (n, P))
+            seen = jnp.zeros((n, logits.shape[-1]), jnp.bool_).at[rows, tokens_nP].max(segments > 0)
+            keys = jax.vmap(lambda seed: jax.random.split(jax.random.key(seed)))(seeds_n)  # (slot key, prefill key)
+            token, lp = sample(logits[:, 0], temperature, top_k, top_p, penalty, seen, keys[:, 1])
+            seen = seen.at[jnp.arange(n), token].set(True)
+            return cache, seen, token, lp, prompt_lp, keys[:, 0]
 
-        def insert(cache, row, seen_all, seen_row, keys, key, last, token, options, values, slot):
-            cache = {
-                k: jax.lax.dynamic_update_slice_in_dim(v, row[k].astype(v.dtype), slot, axis=axes[k])
-                for k, v in cache.items()
-            }
-            seen_all = jax.lax.dynamic_update_slice_in_dim(seen_all, seen_row, slot, axis=0)
-            options = tuple(o.at[slot].set(v.astype(o.dtype)) for o, v in zip(options, values))
-            return cache, seen_all, keys.at[slot].set(key), last.at[slot].set(token), options
+        def insert(cache, rows, seen_all, seen_rows, keys, new_keys, last, tokens, options, values, slots_n):
+            """Puts n prefilled rows into slots `slots_n`; an index past the last
+            slot (a padding row) is dropped."""
+            def put(entry, row, axis):
+                index = (slice(None),) * axis + (slots_n,)
+                return entry.at[index].set(row.astype(entry.dtype), mode="drop")
+
+            cache = {k: jax.tree.map(lambda v, r, a=axes[k]: put(v, r, a), entry, rows[k]) for k, entry in cache.items()}
+            options = tuple(put(o, v, 0) for o, v in zip(options, values))
+            return (cache, put(seen_all, seen_rows, 0), put(keys, new_keys, 0), put(last, tokens, 0), options)
 
         def step(params, cache, last_S, seen_SV, keys_S, options):
             temperature, top_k, top_p, penalty = options
-            model = nnx.merge(graphdef, params)
+            model = nnx.merge(graphdef, restack(params))
             positions = cache["index"][:, None]
             logits_S1V, cache, _ = model(last_S[:, None], positions, jnp.ones_like(positions), cache)
-            split = jax.vmap(lambda k: jax.random.split(k, 2))(keys_S)
-            token_S, lp_S = sample(logits_S1V[:, 0], temperature, top_k, top_p, penalty, seen_SV, split[:, 1])
+            token_S, lp_S = sample(logits_S1V[:, 0], temperature, top_k, top_p, penalty, seen_SV, keys_S,
+                                   counter_S=positions[:, 0])
             seen_SV = seen_SV.at[jnp.arange(seen_SV.shape[0]), token_S].set(True)
-            return cache, token_S, lp_S, seen_SV, split[:, 0]
+            return cache, token_S, lp_S, seen_SV
 
-        self._prefill = jax.jit(prefill)
+        self._prefill = jax.jit(prefill, static_argnums=(5,))
         self._insert = jax.jit(insert, donate_argnums=(0, 2, 4, 8))  # not `last`: a pending step's output
-        self._step = jax.jit(step, donate_argnums=(1, 3, 4))
+        self._step = jax.jit(step, donate_argnums=(1, 3))
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(prompts, length bucket) pairs a prefill may run with: prompt counts are
+        powers of two below the slots and the slots, within `max_prefill_tokens`."""
+        return [(c, b) for b in self.buckets for c in self.counts if c == 1 or c * b <= self.max_prefill_tokens]
+
+    def _shape(self, prompts: list[list[int]]) -> tuple[int, int] | None:
+        """The prefill shape for these prompts, or None if there is none."""
+        count = next(c for c in self.counts if c >= len(prompts))
+        bucket = next(b for b in self.buckets if b >= max(map(len, prompts)))
+        return (count, bucket) if (count, bucket) in self._shapes else None
 
     def warmup(self) -> None:
-        """Compiles the step and every prefill bucket before serving."""
-        for bucket in self.buckets:
-            self._run_prefill([1] * min(bucket, self.max_len - 1), SamplingParams(max_new_tokens=1))
+        """Compiles the step and every prefill shape (with its insert) before
+        serving; a prefill with prompt log-probs compiles on first use."""
+        for count, bucket in self.prefill_shapes():
+            prompts = [[1] * min(bucket, self.max_len - 1)] * count
+            self._insert_rows([], *self._run_prefill(prompts, [SamplingParams(max_new_tokens=1)] * count, [0] * count))
         jax.block_until_ready(self._launch())
+        jax.block_until_ready(self.cache)
 
     # ------------------------------------------------------------------ loop
 
@@ -226,45 +282,74 @@ class Engine:
                         self._finish(i, "error")
 
     def _admit(self) -> None:
-        while None in self.active:
+        """Prefills waiting requests into free slots, as many at once as fit one
+        prefill shape."""
+        free = [i for i, r in enumerate(self.active) if r is None]
+        batch: list[Request] = []
+        while free:
             try:
                 request = self.pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if request.cancelled:
                 continue
-            slot = self.active.index(None)
-            self._start(slot, request)
+            if batch and self._shape([r.prompt_ids for r in (*batch, request)]) is None:
+                self._start(free[: len(batch)], batch)
+                free, batch = free[len(batch):], []
+            batch.append(request)
+            if len(batch) == len(free):
+                self._start(free, batch)
+                free, batch = [], []
+        if batch:
+            self._start(free[: len(batch)], batch)
 
-    def _run_prefill(self, prompt: list[int], p: SamplingParams, key=None):
-        n = len(prompt)
-        bucket = next(b for b in self.buckets if b >= n)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :n] = prompt
-        key = self._base_key if key is None else key
-        return self._prefill(self.params, jnp.asarray(tokens), jnp.int32(n), jnp.float32(p.temperature),
-                             jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.repetition_penalty), key)
+    def _run_prefill(self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]):
+        """Dispatches one prefill for these prompts, padded to the next prompt count
+        and length bucket (padding rows have length 0)."""
+        count, bucket = self._shape(prompts)
+        tokens = np.zeros((count, bucket), np.int32)
+        lengths, seed_arr = np.zeros(count, np.int32), np.zeros(count, np.uint32)
+        options = [np.zeros(count, np.float32), np.zeros(count, np.int32), np.ones(count, np.float32),
+                   np.ones(count, np.float32)]
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            tokens[i, : len(prompt)] = prompt
+            lengths[i], seed_arr[i] = len(prompt), seeds[i]
+            for o, v in zip(options, (p.temperature, p.top_k, p.top_p, p.repetition_penalty)):
+                o[i] = v
+        want_lp = any(p.prompt_logprobs for p in params)
+        out = self._prefill(self._weights, tokens, lengths, seed_arr, tuple(options), want_lp)
+        return count, options, out
 
-    def _start(self, slot: int, request: Request) -> None:
-        p = request.params
-        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(2**31))
-        key, prefill_key = jax.random.split(jax.random.key(seed))
-        row, seen, token, lp, prompt_lp = self._run_prefill(request.prompt_ids, p, prefill_key)
-        values = (jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.repetition_penalty))
+    def _insert_rows(self, slots: list[int], count: int, options, prefilled):
+        """Inserts a prefill's first len(slots) rows into `slots` (the rest are
+        padding, dropped); returns its tokens, log-probs and prompt log-probs."""
+        rows, seen, token, lp, prompt_lp, keys = prefilled
+        slot_index = np.full(count, self.slots, np.int32)
+        slot_index[: len(slots)] = slots
         self.cache, self.seen, self.keys, self.last, self.options = self._insert(
-            self.cache, row, self.seen, seen, self.keys, key, self.last, token, self.options, values, slot)
-        self.active[slot] = request
-        if p.prompt_logprobs:
-            n = len(request.prompt_ids)
-            request.prompt_logprobs = [None, *np.asarray(prompt_lp)[: n - 1].tolist()]
-        token, lp = int(token), float(lp)  # waits for the prefill
-        request.first_token_at = time.perf_counter()
-        self._accept(slot, token, lp)
+            self.cache, rows, self.seen, seen, self.keys, keys, self.last, token, self.options, tuple(options),
+            slot_index)
+        return token, lp, prompt_lp
+
+    def _start(self, slots: list[int], requests: list[Request]) -> None:
+        seeds = [r.params.seed if r.params.seed is not None else int(np.random.default_rng().integers(2**31))
+                 for r in requests]
+        count, options, out = self._run_prefill([r.prompt_ids for r in requests], [r.params for r in requests], seeds)
+        token, lp, prompt_lp = self._insert_rows(slots, count, options, out)
+        tokens, lps, prompt_lps = jax.device_get((token, lp, prompt_lp))  # waits for the prefill
+        now = time.perf_counter()
+        for i, (slot, request) in enumerate(zip(slots, requests)):
+            self.active[slot] = request
+            if request.params.prompt_logprobs:
+                n = len(request.prompt_ids)
+                request.prompt_logprobs = [None, *prompt_lps[i, : n - 1].tolist()]
+            request.first_token_at = now
+            self._accept(slot, int(tokens[i]), float(lps[i]))
 
     def _launch(self):
         """Dispatches one step for every slot (asynchronously); returns its outputs."""
-        self.cache, token_S, lp_S, self.seen, self.keys = self._step(
-            self.params, self.cache, self.last, self.seen, self.keys, self.options)
+        self.cache, token_S, lp_S, self.seen = self._step(
+            self._weights, self.cache, self.last, self.seen, self.keys, self.options)
         self.last = token_S
         return token_S, lp_S
 

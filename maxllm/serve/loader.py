@@ -18,16 +18,19 @@ log = logging.getLogger(__name__)
 
 
 def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "bfloat16", slots: int = 8,
-                max_total_tokens: int | None = None, warmup: bool = True, scan_layers: bool | None = None):
-    """(engine, tokenizer, config, chat template) for the model at `path`."""
+                max_total_tokens: int | None = None, warmup: bool = True, scan_layers: bool = False,
+                max_prefill_tokens: int = 4096):
+    """(engine, tokenizer, config, chat template) for the model at `path`.
+
+    Layers run unrolled unless `scan_layers`: each layer then reads its weights
+    and its cache buffers in place (a scanned stack slices, i.e. copies, them
+    every token), at the price of a compile time that grows with depth."""
     from maxllm.data import open_tokenizer
     from maxllm.hf import load_pretrained
     from maxllm.models import build_model
     from maxllm.serve.quantize import quantize_params, weight_bytes
 
-    overrides = ["model.remat=none"]  # no gradients when serving
-    if scan_layers is not None:
-        overrides.append(f"model.scan_layers={str(scan_layers).lower()}")
+    overrides = ["model.remat=none", f"model.scan_layers={str(scan_layers).lower()}"]  # no gradients when serving
     loaded = load_pretrained(path, overrides)
     cfg = loaded.config
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
@@ -39,7 +42,7 @@ def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "
     log.info("weights: %.1f MB (%s%s)", weight_bytes(params) / 1e6, dtype, ", int8 matrices" if quantize else "")
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, 0)))
     max_len = min(cfg.model.max_seq_len, max_total_tokens or 2048)
-    engine = Engine(graphdef, params, tokenizer, slots=slots, max_len=max_len)
+    engine = Engine(graphdef, params, tokenizer, slots=slots, max_len=max_len, max_prefill_tokens=max_prefill_tokens)
     if warmup:
         engine.warmup()
     return engine, tokenizer, cfg, _chat_template(tokenizer.path)
@@ -57,9 +60,11 @@ def _chat_template(tokenizer_path: str) -> str | None:
 def build_server(path: str | Path, *, quantize: str | None = None, dtype: str = "bfloat16", slots: int = 8,
                  max_total_tokens: int | None = None, max_input_tokens: int | None = None,
                  max_concurrent_requests: int = 128, api_key: str | None = None,
-                 model_name: str | None = None, warmup: bool = True) -> Server:
+                 model_name: str | None = None, warmup: bool = True, scan_layers: bool = False,
+                 max_prefill_tokens: int = 4096) -> Server:
     engine, tokenizer, cfg, template = load_engine(path, quantize=quantize, dtype=dtype, slots=slots,
-                                                   max_total_tokens=max_total_tokens, warmup=warmup)
+                                                   max_total_tokens=max_total_tokens, warmup=warmup,
+                                                   scan_layers=scan_layers, max_prefill_tokens=max_prefill_tokens)
     server_cfg = ServerConfig(
         model_name=model_name or Path(path).resolve().name,
         max_input_tokens=min(max_input_tokens or engine.max_len - 1, engine.max_len - 1),

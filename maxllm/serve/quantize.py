@@ -4,7 +4,7 @@ Each matrix is stored as int8 with one float scale per output channel (symmetric
 scale = max |w| over the contracted axes / 127), the scheme of Qwix's weight-only
 PTQ. An `Int8Weight` stands where the float array stood in the parameter tree; the
 model reads weights as `param[...].astype(dtype)`, which dequantizes right where
-the weight is used (per layer inside the scanned stack), so weights rest in memory
+the weight is used (layer by layer), so weights rest in memory
 at about half their bfloat16 size. Norm scales stay float.
 
 Why not Qwix itself: its PTQ intercepts `dot_general`/`einsum` calls whose operand

@@ -22,22 +22,32 @@ def sample(
     penalty_S: jax.Array,
     seen_SV: jax.Array,
     keys_S: jax.Array,
+    counter_S: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(token ids (S,), their log-probabilities (S,)).
 
     The costly parts run only when some row needs them (`lax.cond`): a batch of
-    greedy rows is one argmax; sorting happens only for top-k / top-p. A draw takes
+    greedy rows is a max and a first-index search; sorting happens only for top-k / top-p. A draw takes
     one uniform number per row and inverts the cumulative distribution, rather than
-    a Gumbel number per vocabulary entry."""
+    a Gumbel number per vocabulary entry. With `counter_S`, row s draws with
+    `fold_in(keys_S[s], counter_S[s])`: a decode slot keeps one key and passes its
+    position, and nothing is derived unless some row samples."""
     logits_SV = logits_SV.astype(jnp.float32)
-    logprobs_SV = jax.nn.log_softmax(logits_SV, axis=-1)
+    V = logits_SV.shape[-1]
+    peak_S1 = jnp.max(logits_SV, axis=-1, keepdims=True)
+
     penalty = penalty_S[:, None]
-    x = jnp.where(seen_SV & (penalty != 1.0),
-                  jnp.where(logits_SV > 0, logits_SV / penalty, logits_SV * penalty), logits_SV)
-    greedy_S = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    # Elementwise, so it fuses into the reductions below (a lax.cond returning the
+    # (S, V) logits would copy them when no row has a penalty).
+    x = jnp.where(seen_SV & (penalty != 1.0), jnp.where(logits_SV > 0, logits_SV / penalty, logits_SV * penalty),
+                  logits_SV)
+    # The first index of the maximum, as argmax picks it, from two plain reductions:
+    # XLA:CPU runs jnp.argmax's (value, index) reduction several times slower.
+    x_peak_S1 = jnp.max(x, axis=-1, keepdims=True)
+    greedy_S = jnp.min(jnp.where(x == x_peak_S1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    greedy_S = jnp.minimum(greedy_S, V - 1)  # all-NaN row: any index, not V
 
     def truncate(x):
-        V = x.shape[-1]
         sorted_SV = -jnp.sort(-x, axis=-1)  # descending
         k = jnp.where(top_k_S > 0, jnp.minimum(top_k_S, V), V)
         kth_S1 = jnp.take_along_axis(sorted_SV, (k - 1)[:, None], axis=-1)
@@ -55,10 +65,14 @@ def sample(
         needs_cut = jnp.any((top_k_S > 0) | (top_p_S < 1.0))
         x = jax.lax.cond(needs_cut, truncate, lambda x: x, x)
         cdf_SV = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)
-        u_S = 1.0 - jax.vmap(jax.random.uniform)(keys_S)  # in (0, 1]
+        keys = keys_S if counter_S is None else jax.vmap(jax.random.fold_in)(keys_S, counter_S)
+        u_S = 1.0 - jax.vmap(jax.random.uniform)(keys)  # in (0, 1]
         index_S = jnp.sum(cdf_SV < (u_S * cdf_SV[:, -1])[:, None], axis=-1)
         drawn_S = jnp.minimum(index_S, x.shape[-1] - 1).astype(jnp.int32)
         return jnp.where(temperature_S <= 0, greedy_S, drawn_S)
 
     token_S = jax.lax.cond(jnp.any(temperature_S > 0), draw, lambda x: greedy_S, x)
-    return token_S, jnp.take_along_axis(logprobs_SV, token_S[:, None], axis=-1)[:, 0]
+    # log-softmax at the chosen token only: logit - peak - log(sum(exp(logits - peak)))
+    log_total_S = jnp.log(jnp.sum(jnp.exp(logits_SV - peak_S1), axis=-1))
+    chosen_S = jnp.take_along_axis(logits_SV, token_S[:, None], axis=-1)[:, 0]
+    return token_S, chosen_S - peak_S1[:, 0] - log_total_S
