@@ -341,3 +341,45 @@ def test_an_exported_hf_folder_serves_like_its_run(trained, tmp_path):
         engine.stop()
     expected = greedy_generate(run_engine.graphdef, run_engine.params, [prompt], 12, 64, run_tokenizer.eos_id)[0]
     assert [t.id for t in result.tokens] == expected[:len(result.tokens)] and result.tokens
+
+
+def test_batched_prefill_equals_one_request_at_a_time_scanned_or_unrolled(trained):
+    """Requests waiting together go through one padded prefill (mixed prompt lengths,
+    sampling options, prompt log-probs); each result equals that request run alone,
+    and a scanned layer stack decodes the same as the unrolled one."""
+    from maxllm.serve.engine import Request, SamplingParams
+    from maxllm.serve.loader import load_engine
+
+    options = [SamplingParams(max_new_tokens=10, prompt_logprobs=True), SamplingParams(max_new_tokens=7),
+               SamplingParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3),
+               SamplingParams(max_new_tokens=8, repetition_penalty=1.3),
+               SamplingParams(max_new_tokens=6, temperature=1.0, top_k=5, seed=11)]
+    results = {}
+    for scan in (False, True):
+        engine, tokenizer, _, _ = load_engine(trained, dtype="float32", slots=8, max_total_tokens=96,
+                                              scan_layers=scan, warmup=False)
+        prompts = [tokenizer.encode(PROMPTS[i] + " and" * (3 * i)) for i in range(7)]  # 16- and 32-token buckets
+        batches = []
+        run_prefill = engine._run_prefill
+        engine._run_prefill = lambda p, *a: (batches.append(len(p)), run_prefill(p, *a))[1]
+        together = {}
+        for i, prompt in enumerate(prompts):  # all waiting before the engine starts
+            engine.submit(Request(prompt, options[i % len(options)], on_done=lambda r, i=i: together.update({i: r})))
+        engine._admit()
+        assert batches == [7]
+        while engine.busy_slots:
+            engine._generate()
+        engine.start()
+        try:
+            alone = [engine.generate(p, options[i % len(options)]) for i, p in enumerate(prompts)]
+        finally:
+            engine.stop()
+        for i, result in enumerate(alone):
+            batched = together[i]
+            assert [t.id for t in batched.tokens] == [t.id for t in result.tokens] and result.tokens
+            np.testing.assert_allclose([t.logprob for t in batched.tokens], [t.logprob for t in result.tokens],
+                                       atol=1e-5)
+            if i % len(options) == 0:
+                np.testing.assert_allclose(batched.prompt_logprobs[1:], result.prompt_logprobs[1:], atol=1e-5)
+        results[scan] = [[t.id for t in r.tokens] for r in alone]
+    assert results[True] == results[False]
