@@ -383,3 +383,28 @@ def test_batched_prefill_equals_one_request_at_a_time_scanned_or_unrolled(traine
                 np.testing.assert_allclose(batched.prompt_logprobs[1:], result.prompt_logprobs[1:], atol=1e-5)
         results[scan] = [[t.id for t in r.tokens] for r in alone]
     assert results[True] == results[False]
+
+
+def test_a_failed_prefill_fails_its_requests_and_the_engine_goes_on(trained):
+    from maxllm.serve.engine import SamplingParams
+    from maxllm.serve.loader import load_engine
+
+    engine, tokenizer, _, _ = load_engine(trained, dtype="float32", slots=2, max_total_tokens=64, warmup=False)
+    prompt = tokenizer.encode(PROMPTS[0])
+    prefill, calls = engine._prefill, []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected prefill failure")
+        return prefill(*args)
+
+    engine._prefill = broken_once
+    engine.start()
+    try:
+        failed = engine.generate(prompt, SamplingParams(max_new_tokens=4, seed=2**40 + 5), timeout=120)
+        ok = engine.generate(prompt, SamplingParams(max_new_tokens=4, seed=-7), timeout=120)
+    finally:
+        engine.stop()
+    assert failed.finish_reason == "error" and not failed.tokens
+    assert ok.finish_reason == "length" and len(ok.tokens) == 4

@@ -80,6 +80,7 @@ class Request:
         self.wants_text = on_token is not None or bool(params.stop)
         self.on_done = on_done or (lambda result: None)
         self.cancelled = False
+        self.done = False  # on_done was called
         self.created = time.perf_counter()
         # filled by the engine
         self.ids: list[int] = []
@@ -294,14 +295,28 @@ class Engine:
             if request.cancelled:
                 continue
             if batch and self._shape([r.prompt_ids for r in (*batch, request)]) is None:
-                self._start(free[: len(batch)], batch)
+                self._start_or_fail(free[: len(batch)], batch)
                 free, batch = free[len(batch):], []
             batch.append(request)
             if len(batch) == len(free):
-                self._start(free, batch)
+                self._start_or_fail(free, batch)
                 free, batch = [], []
         if batch:
-            self._start(free[: len(batch)], batch)
+            self._start_or_fail(free[: len(batch)], batch)
+
+    def _start_or_fail(self, slots: list[int], requests: list[Request]) -> None:
+        """Starts these requests; if that fails, each gets an "error" result
+        (none is left waiting) and the engine goes on."""
+        try:
+            self._start(slots, requests)
+        except Exception:
+            log.exception("prefill failed; failing its %d requests", len(requests))
+            for slot, request in zip(slots, requests):
+                if self.active[slot] is request:
+                    self.active[slot] = None
+                if not request.done:
+                    request.done = True
+                    request.on_done(Result(request.tokens, "", "error", len(request.prompt_ids), None, 0.0, 0.0))
 
     def _run_prefill(self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]):
         """Dispatches one prefill for these prompts, padded to the next prompt count
@@ -332,8 +347,9 @@ class Engine:
         return token, lp, prompt_lp
 
     def _start(self, slots: list[int], requests: list[Request]) -> None:
-        seeds = [r.params.seed if r.params.seed is not None else int(np.random.default_rng().integers(2**31))
+        seeds = [r.params.seed if r.params.seed is not None else int(np.random.default_rng().integers(2**32))
                  for r in requests]
+        seeds = [(seed ^ (seed >> 32)) & 0xFFFFFFFF for seed in seeds]  # any int (TGI's are u64) to 32 bits
         count, options, out = self._run_prefill([r.prompt_ids for r in requests], [r.params for r in requests], seeds)
         token, lp, prompt_lp = self._insert_rows(slots, count, options, out)
         tokens, lps, prompt_lps = jax.device_get((token, lp, prompt_lp))  # waits for the prefill
@@ -420,6 +436,7 @@ class Engine:
     def _finish(self, slot: int, reason: str, text: str | None = None) -> None:
         request = self.active[slot]
         self.active[slot] = None
+        request.done = True
         if text is None:
             text = self.tokenizer.decode(request.ids) if request.ids else ""
         elif text == request.text and request.ids:
