@@ -35,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch_prefill_tokens < 1:
         parser.error("--max-batch-prefill-tokens must be positive")
 
+    import os
+    from pathlib import Path
+
+    import jax
+
+    # Start-up compiles every prefill shape; keep the executables on disk so a
+    # restart loads them (MaxText does the same with its jax_cache_dir).
+    cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "maxllm" / "jax")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
     from maxllm.cli import log_to_stderr
     from maxllm.serve.loader import build_server
 
