@@ -81,3 +81,40 @@ def prepare_tokens(out: Path, texts: list[str], shards: int = 2) -> Path:
     )
     run(cfg)
     return out / "tokens"
+
+
+def train_on_quickstart(out: Path, *overrides: str):
+    """Trains the tiny config on the quickstart valid shards into run directory
+    `out` (overrides after the defaults); returns train()'s result."""
+    from maxllm.train import train
+
+    return train(load_config(TINY, [
+        f"run.output_dir={out}", "data.source=tokens", f"data.path={QUICKSTART / 'tokens' / 'valid'}",
+        "model.vocab_size=4096", "checkpoint.enabled=true", *overrides,
+    ]))
+
+
+def resume_input(cfg: Config, sharding, ckpt_dir: Path, before: int, after: int):
+    """Reads `before` batches from a TrainInput, saves its state in a checkpoint,
+    reads `after` more; restores a new TrainInput from the checkpoint and reads
+    `after` from it. Returns (resumed input, uninterrupted batches, resumed batches)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from maxllm.checkpoint import Checkpointer
+    from maxllm.data import TrainInput
+
+    def read(data, n):
+        return [{k: np.asarray(v) for k, v in data.next().items()} for _ in range(n)]
+
+    whole = TrainInput(cfg, sharding)
+    read(whole, before)
+    ckpt = Checkpointer(str(ckpt_dir), cfg.checkpoint, cfg.to_dict(), TrainInput.handlers())
+    ckpt.save(before, {"step": jnp.int32(before)}, extra=whole.save_args())
+    ckpt.wait()
+    expected = read(whole, after)
+    resumed = TrainInput(cfg, sharding)
+    resumed.restore(before, lambda name, args: ckpt.read_item(before, name, args))
+    got = read(resumed, after)
+    ckpt.close()
+    return resumed, expected, got

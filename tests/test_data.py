@@ -21,7 +21,7 @@ from maxllm.data.synthetic import SyntheticRows, pack_window
 from maxllm.mesh import batch_sharding, make_mesh
 from maxllm.tokenizer import Tokenizer
 
-from conftest import QUICKSTART, ROOT, prepare_tokens
+from conftest import QUICKSTART, ROOT, prepare_tokens, resume_input
 
 VALID = QUICKSTART / "tokens" / "valid"
 
@@ -290,30 +290,13 @@ def test_bad_text_records_are_named_with_their_line(tmp_path):
 def test_resumed_iterator_gives_the_uninterrupted_batches(tiny, tmp_path, workers):
     import absl.flags
 
-    import jax.numpy as jnp
-
-    from maxllm.checkpoint import Checkpointer
-
     absl.flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
     cfg = tiny("data.source=tokens", f"data.path={VALID}", "model.vocab_size=4096", "mesh.fsdp=8",
                f"data.num_workers={workers}", "checkpoint.enabled=true")
     mesh = make_mesh(cfg.mesh)
     sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (cfg.train.global_batch_size, cfg.data.seq_len))
-
-    def read(data, n):
-        return [{k: np.asarray(v) for k, v in data.next().items()} for _ in range(n)]
-
-    whole = TrainInput(cfg, sharding)
-    read(whole, 3)
-    ckpt = Checkpointer(str(tmp_path / "ckpt"), cfg.checkpoint, cfg.to_dict(), TrainInput.handlers())
-    ckpt.save(3, {"step": jnp.int32(3)}, extra=whole.save_args())
-    ckpt.wait()
-    expected = read(whole, 30)  # past the end of the first epoch: 54 documents, ~25 batches
-
-    resumed = TrainInput(cfg, sharding)
-    resumed.restore(3, lambda name, args: ckpt.read_item(3, name, args))
-    got = read(resumed, 30)
-    ckpt.close()
+    # 30 batches: past the end of the first epoch (54 documents, ~25 batches)
+    resumed, expected, got = resume_input(cfg, sharding, tmp_path / "ckpt", 3, 30)
     for step, (x, y) in enumerate(zip(expected, got), start=4):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=f"step {step} {k}")

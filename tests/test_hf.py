@@ -18,7 +18,7 @@ from maxllm.import_hf import import_hf
 from maxllm.models import build_model
 from maxllm.sample import greedy_generate
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, train_on_quickstart
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -77,18 +77,11 @@ def test_transformers_llama_imports_with_equal_logits(tmp_path, tied, kv_heads):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny model trained by maxllm for a few steps on the quickstart shards."""
-    from maxllm.config import load_config
-    from maxllm.train import train
-
-    from conftest import TINY
-
     out = tmp_path_factory.mktemp("trained")
-    cfg = load_config(TINY, [
-        f"run.output_dir={out}", "data.source=tokens", f"data.path={VALID}", "model.vocab_size=4096",
-        "train.steps=6", "train.lr=3e-3", "checkpoint.enabled=true", "checkpoint.every_steps=3",
-        "model.tie_embeddings=false", "model.max_seq_len=128", "model.init_std=0.3",  # large: varied greedy tokens
-    ])
-    result = train(cfg)
+    result = train_on_quickstart(
+        out, "train.steps=6", "train.lr=3e-3", "checkpoint.every_steps=3", "model.tie_embeddings=false",
+        "model.max_seq_len=128", "model.init_std=0.3",  # large: varied greedy tokens
+    )
     return out, result
 
 

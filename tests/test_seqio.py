@@ -14,13 +14,13 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
 from maxllm.config import SeqioConfig  # noqa: E402
-from maxllm.data import DataError, TrainInput  # noqa: E402
+from maxllm.data import DataError  # noqa: E402
 from maxllm.data import pipeline as pl  # noqa: E402
 from maxllm.data.seqio_source import SeqioDocuments  # noqa: E402
 from maxllm.mesh import batch_sharding, make_mesh  # noqa: E402
 from maxllm.tokenizer import Tokenizer  # noqa: E402
 
-from conftest import QUICKSTART  # noqa: E402
+from conftest import QUICKSTART, resume_input  # noqa: E402
 
 TOKENIZER = QUICKSTART / "tokenizer.model"
 
@@ -104,27 +104,10 @@ def test_shards_are_disjoint_and_cover_the_task_and_packing_keeps_every_token(ta
 
 
 def test_train_input_resumes_a_seqio_mixture_exactly(tiny, tmp_path, task):
-    import jax.numpy as jnp
-
-    from maxllm.checkpoint import Checkpointer
-
     cfg = tiny("data.source=seqio", "data.seqio.task=maxllm_test_mix", "model.vocab_size=4096", "mesh.fsdp=8",
                "checkpoint.enabled=true")
     sharding = batch_sharding(cfg.mesh.rules.activations, make_mesh(cfg.mesh), (8, cfg.data.seq_len))
-
-    def read(data, n):
-        return [{k: np.asarray(v) for k, v in data.next().items()} for _ in range(n)]
-
-    whole = TrainInput(cfg, sharding)
-    read(whole, 2)
-    ckpt = Checkpointer(str(tmp_path / "ckpt"), cfg.checkpoint, cfg.to_dict(), TrainInput.handlers())
-    ckpt.save(2, {"step": jnp.int32(2)}, extra=whole.save_args())
-    ckpt.wait()
-    expected = read(whole, 4)
-    resumed = TrainInput(cfg, sharding)
-    resumed.restore(2, lambda name, args: ckpt.read_item(2, name, args))
-    got = read(resumed, 4)
-    ckpt.close()
+    _, expected, got = resume_input(cfg, sharding, tmp_path / "ckpt", 2, 4)
     for x, y in zip(expected, got):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])

@@ -58,22 +58,23 @@ def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Attentio
     # Put the batch-like dims (B, K) first and keep (G, T) in that order on both
     # einsums, so only the small q/k/v/out tensors are transposed, never the
     # (B, K, G, T, S) scores.
-    return _xla_bk(q_BTNH, k_BSKH.transpose(0, 2, 3, 1), v_BSKH.transpose(0, 2, 1, 3), mask)
+    return _xla_bk(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), "BKSH", v_BSKH.transpose(0, 2, 1, 3), mask)
 
 
 def cached_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask: AttentionMask) -> jax.Array:
     """Attention of new queries to a decode cache stored as the einsums read it:
     keys (B, K, H, S) and values (B, K, S, H), so no step copies the cache into
     another layout (XLA would otherwise transpose every layer's cache every token)."""
-    return _xla_bk(q_BTNH, k_BKHS, v_BKSH, mask)
+    return _xla_bk(q_BTNH, k_BKHS, "BKHS", v_BKSH, mask)
 
 
-def _xla_bk(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask: AttentionMask) -> jax.Array:
+def _xla_bk(q_BTNH: jax.Array, k: jax.Array, k_layout: str, v_BKSH: jax.Array, mask: AttentionMask) -> jax.Array:
+    """The einsum attention on keys laid out as `k_layout` (BKSH or BKHS)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BKHS.shape[1]
+    K = k.shape[1]
     q_BKGTH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H)
     q_BKGTH = q_BKGTH.transpose(0, 2, 3, 1, 4)
-    logits_BKGTS = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
+    logits_BKGTS = jnp.einsum(f"BKGTH,{k_layout}->BKGTS", q_BKGTH, k, preferred_element_type=jnp.float32)
     allowed_B11TS = mask.dense()[:, :, None]
     # A finite minimum, not -inf: a query with no visible key (padding) gets a
     # uniform average instead of NaN, and its loss is masked anyway.

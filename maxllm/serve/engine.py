@@ -137,10 +137,10 @@ class Engine:
         self.batch_axes = model.CACHE_BATCH_AXES
         self.cache = jax.jit(lambda: model.init_cache(slots, max_len))()
         self.eos_id = tokenizer.eos_id
-        self._base_key = jax.random.key(seed)
         S, V = slots, self.vocab
         self.seen = jnp.zeros((S, V), jnp.bool_)
-        self.keys = jax.random.split(self._base_key, S)
+        self.keys = jax.random.split(jax.random.key(seed), S)  # each replaced when a request takes the slot
+        self._seeds = np.random.default_rng()  # fresh entropy, for requests that give no seed
         # Per-slot inputs of the step, kept on the device: the last token of each slot
         # (the step's own output feeds the next step) and the sampling options.
         self.last = jnp.zeros(S, jnp.int32)
@@ -234,7 +234,6 @@ class Engine:
             prompts = [[1] * min(bucket, self.max_len - 1)] * count
             self._insert_rows([], *self._run_prefill(prompts, [SamplingParams(max_new_tokens=1)] * count, [0] * count))
         jax.block_until_ready(self._launch())
-        jax.block_until_ready(self.cache)
 
     # ------------------------------------------------------------------ loop
 
@@ -347,8 +346,7 @@ class Engine:
         return token, lp, prompt_lp
 
     def _start(self, slots: list[int], requests: list[Request]) -> None:
-        seeds = [r.params.seed if r.params.seed is not None else int(np.random.default_rng().integers(2**32))
-                 for r in requests]
+        seeds = [r.params.seed if r.params.seed is not None else int(self._seeds.integers(2**32)) for r in requests]
         seeds = [(seed ^ (seed >> 32)) & 0xFFFFFFFF for seed in seeds]  # any int (TGI's are u64) to 32 bits
         count, options, out = self._run_prefill([r.prompt_ids for r in requests], [r.params for r in requests], seeds)
         token, lp, prompt_lp = self._insert_rows(slots, count, options, out)
