@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert", "stage")
 
@@ -92,6 +92,34 @@ class LlamaConfig(Section):
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+
+class MoEConfig(Section):
+    """The mixture-of-experts feed-forward of the `mixtral` family (docs/moe.md)."""
+
+    num_experts: PositiveInt  # E, experts per layer (each a SwiGLU of width model.mlp_dim)
+    top_k: PositiveInt  # experts each token goes to
+    dispatch: Literal["auto", "dropless", "capacity"]
+    capacity_factor: float  # capacity: slots per expert = ceil(top_k * tokens * factor / E)
+    aux_loss_coef: float  # load-balancing loss weight (Switch: E * sum_e f_e * P_e)
+    z_loss_coef: float  # router z-loss weight (ST-MoE: mean logsumexp(router logits)^2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        return self
+
+
+class MixtralConfig(LlamaConfig):
+    """Mixtral: the Llama decoder with a routed mixture of SwiGLU experts as its MLP."""
+
+    family: Literal["mixtral"]  # type: ignore[assignment]
+    moe: MoEConfig
+
+
+ModelConfig = typing.Annotated[LlamaConfig | MixtralConfig, Field(discriminator="family")]
 
 AxisSpec = str | list[str] | None
 
@@ -232,7 +260,7 @@ class SampleConfig(Section):
 
 class Config(Section):
     run: RunConfig
-    model: LlamaConfig
+    model: ModelConfig
     mesh: MeshConfig
     data: DataConfig
     train: TrainConfig
@@ -342,10 +370,15 @@ def _describe(error: ValidationError, schema: type[BaseModel]) -> str:
         loc = [str(p) for p in err["loc"]]
         # Pydantic appends the union member or validator name for some errors.
         loc = [p for p in loc if not p.startswith(("function-", "str", "list[", "none"))]
+        raw_loc, loc = loc, _drop_tags(schema, loc)
         path = ".".join(loc) or "<config>"
         kind = err["type"]
-        if kind == "extra_forbidden":
-            valid = _fields_at(schema, loc[:-1])
+        if kind == "union_tag_invalid":
+            ctx = err["ctx"]
+            key = ".".join([*loc, ctx["discriminator"].strip("'")])
+            lines.append(f"config key {key!r}: {ctx['tag']!r} is not one of {ctx['expected_tags']}")
+        elif kind == "extra_forbidden":
+            valid = _fields_at(schema, raw_loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.6)
             parent = ".".join(loc[:-1])
             named = [f"'{parent}.{c}'" if parent else f"'{c}'" for c in close]
@@ -360,6 +393,32 @@ def _describe(error: ValidationError, schema: type[BaseModel]) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"config key {path!r}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
+
+
+_TAGS = ("type", "family")  # fields that pick a member of a union of sections
+
+
+def _drop_tags(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    """`loc` without the union tags pydantic inserts (model.mixtral.moe -> model.moe)."""
+    out, node = [], schema
+    for part in loc:
+        child = _child(node, part) if node is not None else None
+        if child is not None and child is not node and _is_tag_of(node, part):
+            node = child
+            continue
+        out.append(part)
+        node = child
+    return out
+
+
+def _is_tag_of(node: Any, part: str) -> bool:
+    for member in _members(node):
+        if isinstance(member, type) and issubclass(member, BaseModel) and part not in member.model_fields:
+            for tag in _TAGS:
+                field = member.model_fields.get(tag)
+                if field is not None and part in getattr(field.annotation, "__args__", ()):
+                    return True
+    return False
 
 
 def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
@@ -379,9 +438,10 @@ def _child(node: Any, part: str) -> Any:
         if isinstance(member, type) and issubclass(member, BaseModel):
             if part in member.model_fields:
                 return member.model_fields[part].annotation
-            tag = member.model_fields.get("type")
-            if tag is not None and part in getattr(tag.annotation, "__args__", ()):
-                return member  # a tagged union member, named by its tag
+            for tag_name in _TAGS:
+                tag = member.model_fields.get(tag_name)
+                if tag is not None and part in getattr(tag.annotation, "__args__", ()):
+                    return member  # a tagged union member, named by its tag
         elif typing.get_origin(member) is list and part.isdigit():
             return typing.get_args(member)[0]
     return None

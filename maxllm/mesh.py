@@ -207,6 +207,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def active_rules() -> tuple[Rules, Mesh] | None:
+    """The activation rules and mesh of the enclosing `activation_rules`, if any."""
+    return _ACTIVE.get()
+
+
 def is_sharded(name: str) -> bool:
     """Whether activations' logical dimension `name` is split over devices now."""
     active = _ACTIVE.get()

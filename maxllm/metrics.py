@@ -5,7 +5,10 @@ counted), per trained token, forward and backward (x3 the forward):
 
     matmul:    6 * P_matmul, where P_matmul counts every weight matrix that
                multiplies activations (attention q/k/v/o, MLP, LM head; not the
-               embedding lookup, not norms)
+               embedding lookup, not norms). For a mixture of experts only the
+               active parameters count: the router and top_k of the E experts.
+               Capacity slots left empty and the dense matmuls a backend may run
+               for `ragged_dot` are not counted, so MFU stays honest.
     attention: 6 * L * T * N * H, i.e. QK^T and AV (2 * 2 * T * N * H forward per
                token and layer), x3 for the backward, halved for the causal mask
 
@@ -27,17 +30,25 @@ import jax
 from maxllm.config import LlamaConfig
 
 
-def matmul_params(cfg: LlamaConfig) -> int:
+def matmul_params(cfg: LlamaConfig, active: bool = True) -> int:
+    """Weights that multiply activations; for an MoE, those one token uses
+    (`active`) or all of them."""
     D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.mlp_dim
-    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    per_layer = D * N * H * 2 + D * K * H * 2
+    moe = getattr(cfg, "moe", None)
+    if moe is None:
+        per_layer += 3 * D * F
+    else:
+        per_layer += D * moe.num_experts + (moe.top_k if active else moe.num_experts) * 3 * D * F
     return cfg.num_layers * per_layer + D * cfg.vocab_size
 
 
-def param_count(cfg: LlamaConfig) -> int:
+def param_count(cfg: LlamaConfig, active: bool = False) -> int:
+    """Parameters in the model (`active`: those one token uses, for an MoE)."""
     embed = cfg.vocab_size * cfg.d_model
     norms = (2 * cfg.num_layers + 1) * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-    return matmul_params(cfg) - cfg.d_model * cfg.vocab_size + embed + head + norms
+    return matmul_params(cfg, active) - cfg.d_model * cfg.vocab_size + embed + head + norms
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
@@ -110,7 +121,8 @@ class MetricsWriter:
             self.jsonl.flush()
         if self.tb is not None:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                # A non-finite value (an expert with no load: max/min is inf) stays in the JSONL only.
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
             self.tb.flush()
 
@@ -157,6 +169,9 @@ def _format_line(step: int, m: dict[str, Any]) -> str:
         ("tflops_per_sec_per_device", "TFLOP/s/dev {:.3f}"),
         ("eval_loss", "eval_loss {:.4f}"),
         ("eval_perplexity", "eval_ppl {:.2f}"),
+        ("moe_load_balance_loss", "moe_lb {:.3f}"),
+        ("moe_load_max_min", "load max/min {:.2f}"),
+        ("moe_dropped_fraction", "dropped {:.1%}"),
     ):
         value = m.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):

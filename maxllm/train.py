@@ -161,17 +161,19 @@ def make_train_step(
 
     def loss_sums(params, batch):
         model = nnx.merge(graphdef, params)
-        logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=True)
         total, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_coef)
-        total += sum(aux.values(), jnp.zeros(())) * count  # aux losses are per-token means
-        return total, (nll, count)
+        total += sum(aux.get("loss", {}).values(), jnp.zeros(())) * count  # aux losses are per-token means
+        return total, (nll, count, aux.get("metrics", {}))
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def grads_and_sums(params, batch):
+        """Gradients and cross-entropy summed over the batch, its token count, and
+        the model's aux metrics (averaged over microbatches)."""
         if accum == 1:
-            (_, (nll, count)), grads = grad_fn(params, batch)
-            return grads, nll, count
+            (_, (nll, count, aux)), grads = grad_fn(params, batch)
+            return grads, nll, count, aux
 
         def split(x_BT):
             # Microbatch a takes rows a, a+accum, ...: each device keeps an equal share.
@@ -182,16 +184,16 @@ def make_train_step(
 
         def body(carry, micro):
             grads, nll, count = carry
-            (_, (n, c)), g = grad_fn(params, micro)
-            return (jax.tree.map(jnp.add, grads, g), nll + n, count + c), None
+            (_, (n, c, aux)), g = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grads, g), nll + n, count + c), aux
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         init = (zeros, jnp.zeros(()), jnp.zeros(()))
-        (grads, nll, count), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
-        return grads, nll, count
+        (grads, nll, count), aux = jax.lax.scan(body, init, jax.tree.map(split, batch))
+        return grads, nll, count, jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
     def step(state: State, batch: dict) -> tuple[State, dict]:
-        grads, nll, count = grads_and_sums(state["params"], batch)
+        grads, nll, count, aux = grads_and_sums(state["params"], batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -200,6 +202,7 @@ def make_train_step(
             "loss": nll / count,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
+            **aux,
         }
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
@@ -387,7 +390,7 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tu
 
     def flush():
         step, metrics = pending
-        history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        history[step] = _scalars(jax.device_get(metrics))
         if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
             writer.write(step, {**history[step], **throughput.measure(step)})
 
@@ -418,12 +421,27 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tu
     return state, history, preemption.received
 
 
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Float metrics; a vector (Mixtral's per-expert load) becomes one key per entry."""
+    out = {}
+    for key, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[key] = float(value)
+        else:
+            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value.reshape(-1))})
+    return out
+
+
 class Preempted(Exception):
     """Raised after a SIGTERM was handled; `main` turns it into exit code 0."""
 
 
 def _log_params(cfg: Config, params: dict) -> None:
-    log.info("model: %s, %.2fM parameters", cfg.model.family, param_count(cfg.model) / 1e6)
+    active = param_count(cfg.model, active=True)
+    total = param_count(cfg.model)
+    per_token = f" ({active / 1e6:.2f}M active per token)" if active != total else ""
+    log.info("model: %s, %.2fM parameters%s", cfg.model.family, total / 1e6, per_token)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = "/".join(str(k.key) for k in path)
         log.info("  %-28s %-22s %s", name, str(tuple(leaf.shape)), leaf.sharding.spec)

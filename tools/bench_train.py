@@ -1,9 +1,15 @@
-"""Training throughput: maxllm against transformers' LlamaForCausalLM (PyTorch), same
-model shape, batch, sequence length and dtype, in one run.
+"""Training throughput: maxllm against transformers' LlamaForCausalLM or
+MixtralForCausalLM (PyTorch), same model shape, batch, sequence length and dtype,
+in one run.
 
     python tools/bench_train.py                       # CPU: quickstart and SmolLM-135M shapes
+    python tools/bench_train.py --presets quickstart-moe  # CPU: MoE, dropless and capacity dispatch
     python tools/bench_train.py --presets llama3.2-1b --dtype bfloat16 \
         --attention cudnn --seq-len 4096 --batch 8 --no-torch    # one GPU: MFU
+    python tools/bench_train.py --presets moe-3b --dtype bfloat16 --remat full \
+        --seq-len 2048 --batch 8 --no-torch           # one GPU: MoE MFU, both dispatch paths
+
+A preset of the mixtral family runs once per `--dispatch` mode (default both).
 
 Each side runs in its own subprocess (no shared thread pools or allocator), steps
 `--warmup` times, then times `--steps` full optimizer steps (forward, backward,
@@ -28,15 +34,18 @@ sys.path.insert(0, str(ROOT))
 
 # Model shapes measured by default on CPU, with the batch and length that keep one
 # step under ~20 s on two cores.
-DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512)}
+DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512), "quickstart-moe": (32, 128), "tiny-moe": (8, 128)}
+TOP_LEVEL = {"quickstart", "quickstart-moe"}  # configs/<name>.yml; the others are configs/models/
 
 
 def _model_config(preset: str, args) -> object:
     from maxllm.config import load_config
 
     paths = [ROOT / "configs" / "base.yml"]
-    paths.append(ROOT / "configs" / ("quickstart.yml" if preset == "quickstart" else f"models/{preset}.yml"))
+    paths.append(ROOT / "configs" / (f"{preset}.yml" if preset in TOP_LEVEL else f"models/{preset}.yml"))
     overrides = [f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat={args.remat}"]
+    if getattr(args, "mode", None):
+        overrides.append(f"model.moe.dispatch={args.mode}")
     if args.scan is not None:
         overrides.append(f"model.scan_layers={args.scan}")
     return load_config(paths, overrides)
@@ -91,7 +100,7 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
 
 def run_torch(preset: str, batch: int, seq: int, args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     cfg = _model_config(preset, args)
     m = cfg.model
@@ -103,15 +112,21 @@ def run_torch(preset: str, batch: int, seq: int, args) -> dict:
         rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
-    hf_cfg = LlamaConfig(
+    shape = dict(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_kv_heads, head_dim=m.head_size, rms_norm_eps=m.norm_eps,
         max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
         rope_parameters=rope,
     )
+    if m.family == "mixtral":  # router aux loss on, as in maxllm's step
+        hf_cfg = MixtralConfig(**shape, num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
+                               router_aux_loss_coef=m.moe.aux_loss_coef, output_router_logits=True)
+        model_cls = MixtralForCausalLM
+    else:
+        hf_cfg, model_cls = LlamaConfig(**shape), LlamaForCausalLM
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
-    model = LlamaForCausalLM(hf_cfg).to(dtype).train()
+    model = model_cls(hf_cfg).to(dtype).train()
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
     tokens = torch.randint(0, m.vocab_size, (batch, seq))
@@ -141,8 +156,10 @@ def _result(cfg, batch, seq, seconds, devices, device_kind, peak, **extra) -> di
 
     tokens_per_sec = batch * seq / seconds
     flops = tokens_per_sec * flops_per_token(cfg.model, seq) / devices
+    moe = getattr(cfg.model, "moe", None)
     return {
-        "params": param_count(cfg.model), "batch": batch, "seq_len": seq, "dtype": cfg.model.dtype,
+        "params": param_count(cfg.model), "active_params": param_count(cfg.model, active=True),
+        "dispatch": moe.dispatch if moe else None, "batch": batch, "seq_len": seq, "dtype": cfg.model.dtype,
         "step_seconds": seconds, "tokens_per_sec": tokens_per_sec,
         "tflops_per_sec_per_device": flops / 1e12, "mfu": flops / peak if peak else None,
         "device": device_kind, **extra,
@@ -158,6 +175,8 @@ def _spawn(side: str, preset: str, batch: int, seq: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--preset", preset, "--batch", str(batch),
            "--seq-len", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--dtype", args.dtype, "--attention", args.attention, "--remat", args.remat]
+    if args.mode:
+        cmd += ["--mode", args.mode]
     if args.scan is not None:
         cmd += ["--scan", args.scan]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -178,10 +197,12 @@ def main() -> None:
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--scan", choices=["true", "false"], help="override model.scan_layers")
+    parser.add_argument("--dispatch", default="dropless,capacity", help="MoE presets: dispatch modes to time")
     parser.add_argument("--no-torch", action="store_true", help="maxllm only (e.g. on a GPU)")
     parser.add_argument("--out", default="bench_results/bench_train.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # one MoE dispatch mode, for a child
     args = parser.parse_args()
     if args.child:
         return _child(args)
@@ -190,12 +211,19 @@ def main() -> None:
     for preset in args.presets.split(","):
         batch, seq = DEFAULTS.get(preset, (8, 2048))
         batch, seq = args.batch or batch, args.seq_len or seq
-        row = {"preset": preset, "maxllm": _spawn("maxllm", preset, batch, seq, args)}
-        if not args.no_torch:
-            row["pytorch"] = _spawn("torch", preset, batch, seq, args)
-            row["ratio"] = row["maxllm"]["tokens_per_sec"] / row["pytorch"]["tokens_per_sec"]
-        rows.append(row)
-        _print_row(row)
+        is_moe = getattr(_model_config(preset, args).model, "moe", None) is not None
+        torch_side = None
+        for mode in args.dispatch.split(",") if is_moe else [None]:
+            args.mode = mode
+            row = {"preset": preset if mode is None else f"{preset}[{mode}]",
+                   "maxllm": _spawn("maxllm", preset, batch, seq, args)}
+            if not args.no_torch:
+                args.mode = None
+                torch_side = torch_side or _spawn("torch", preset, batch, seq, args)
+                row["pytorch"] = torch_side
+                row["ratio"] = row["maxllm"]["tokens_per_sec"] / row["pytorch"]["tokens_per_sec"]
+            rows.append(row)
+            _print_row(row)
     report = {
         "date": datetime.date.today().isoformat(),
         "host": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -209,7 +237,7 @@ def main() -> None:
 
 def _print_row(row) -> None:
     m = row["maxllm"]
-    line = (f"{row['preset']:<14} {m['params'] / 1e6:7.1f}M  B={m['batch']} T={m['seq_len']} {m['dtype']}"
+    line = (f"{row['preset']:<26} {m['params'] / 1e6:7.1f}M  B={m['batch']} T={m['seq_len']} {m['dtype']}"
             f"  maxllm {m['tokens_per_sec']:9,.0f} tok/s {m['tflops_per_sec_per_device']:.3f} TFLOP/s/dev")
     if m["mfu"] is not None:
         line += f" MFU {m['mfu']:.1%}"

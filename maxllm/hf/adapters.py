@@ -53,13 +53,17 @@ HEADS_OUT = Transform(
 @dataclasses.dataclass(frozen=True)
 class Row:
     ours: tuple[str, ...]  # path in our params tree
-    hf: str  # HF tensor name; `{i}` is the layer index of a stacked leaf
+    hf: str  # HF tensor name; `{i}` the layer, `{e}` the expert of a stacked leaf
     transform: Transform = IDENTITY
     when: Callable[[Any], bool] = lambda cfg: True  # present for this config?
 
     @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf
+    def stacked_dims(self) -> int:
+        """Leading dims of our leaf that index HF tensors: 0, 1 (layers) or 2 (layers, experts)."""
+        return ("{i}" in self.hf) + ("{e}" in self.hf)
+
+    def name(self, index: tuple[int, ...]) -> str:
+        return self.hf.format(**dict(zip("ie", index)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +78,15 @@ class Adapter:
     def rows_for(self, cfg: Any) -> list[Row]:
         return [r for r in self.rows if r.when(cfg)]
 
-    def tensors(self, cfg: Any, leaf_shapes: dict[tuple[str, ...], tuple[int, ...]]) -> list[tuple[str, Row, int | None, tuple[int, ...]]]:
-        """Every HF tensor as (name, row, layer or None, HF shape), leaf by leaf."""
+    def tensors(self, cfg: Any, leaf_shapes: dict[tuple[str, ...], tuple[int, ...]]) -> list[tuple[str, Row, tuple[int, ...], tuple[int, ...]]]:
+        """Every HF tensor as (name, row, index into our leaf, HF shape), leaf by
+        leaf; the index is () for an unstacked leaf, (layer,) or (layer, expert)."""
         out = []
         for row in self.rows_for(cfg):
             shape = leaf_shapes[row.ours]
-            if row.stacked:
-                for i in range(shape[0]):
-                    out.append((row.hf.format(i=i), row, i, row.transform.hf_shape(shape[1:])))
-            else:
-                out.append((row.hf, row, None, row.transform.hf_shape(shape)))
+            n = row.stacked_dims
+            for index in np.ndindex(*shape[:n]):
+                out.append((row.name(index), row, index, row.transform.hf_shape(shape[n:])))
         return out
 
 
@@ -190,7 +193,67 @@ def llama_from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
 
 LLAMA = Adapter("llama", "LlamaForCausalLM", "llama", LLAMA_ROWS, llama_to_hf_config, llama_from_hf_config)
 
-ADAPTERS: dict[str, Adapter] = {"llama": LLAMA}
+# ---------------------------------------------------------------------------------
+# Mixtral (MixtralForCausalLM). On disk, transformers 5 still writes (and reads)
+# one tensor per expert under `block_sparse_moe`; in memory it fuses them.
+
+_MOE = _LAYER + "block_sparse_moe."
+
+MIXTRAL_ROWS = tuple(r for r in LLAMA_ROWS if r.ours[:2] != ("layers", "mlp")) + (
+    Row(("layers", "mlp", "router"), _MOE + "gate.weight", TRANSPOSE),
+    Row(("layers", "mlp", "gate"), _MOE + "experts.{e}.w1.weight", TRANSPOSE),
+    Row(("layers", "mlp", "up"), _MOE + "experts.{e}.w3.weight", TRANSPOSE),
+    Row(("layers", "mlp", "down"), _MOE + "experts.{e}.w2.weight", TRANSPOSE),
+)
+
+
+def mixtral_to_hf_config(cfg, *, bos_id: int | None, eos_id: int | None, dtype: str) -> dict[str, Any]:
+    """config.json as transformers 5.x writes it for MixtralForCausalLM."""
+    hf = llama_to_hf_config(cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        del hf[key]
+    moe = cfg.moe
+    return {
+        **hf,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+        "sliding_window": None,
+    }
+
+
+def mixtral_from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our `model:` section from a Mixtral config.json; the MoE keys HF does not
+    define (dispatch, capacity, z-loss) take maxllm's defaults."""
+    if hf.get("sliding_window"):
+        raise HFError(f"{where}: sliding_window={hf['sliding_window']} is not supported (maxllm attends to "
+                      "the whole context; Mixtral-8x7B and later releases set null)")
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        if key not in hf:
+            raise HFError(f"{where}: missing key {key!r}")
+    section = llama_from_hf_config({**hf, "attention_bias": False, "mlp_bias": False}, where)
+    return {
+        **section,
+        "family": "mixtral",
+        "moe": {
+            "num_experts": hf["num_local_experts"],
+            "top_k": hf["num_experts_per_tok"],
+            "dispatch": "auto",
+            "capacity_factor": 1.25,
+            "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+            "z_loss_coef": 0.001,
+        },
+    }
+
+
+MIXTRAL = Adapter("mixtral", "MixtralForCausalLM", "mixtral", MIXTRAL_ROWS, mixtral_to_hf_config,
+                  mixtral_from_hf_config)
+
+ADAPTERS: dict[str, Adapter] = {"llama": LLAMA, "mixtral": MIXTRAL}
 
 
 def adapter_for_family(family: str) -> Adapter:

@@ -105,7 +105,7 @@ def export_params(
 
     tensors = adapter.tensors(cfg, param_shapes(cfg))
     entries = [(name, shape, np_dtype) for name, _, _, shape in tensors]
-    by_name = {name: (row, layer) for name, row, layer, _ in tensors}
+    by_name = {name: (row, index) for name, row, index, _ in tensors}
     groups = st.plan_shards(entries, max_bytes)
     files = ["model.safetensors"] if len(groups) == 1 else [
         f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))
@@ -113,13 +113,12 @@ def export_params(
     current: dict[str, Any] = {"path": None, "leaf": None}
 
     def produce(name: str) -> np.ndarray:
-        row, layer = by_name[name]
+        row, index = by_name[name]
         if current["path"] != row.ours:  # tensors come leaf by leaf: one leaf in memory
             current["leaf"] = None
             current["leaf"] = np.asarray(get_leaf(row.ours))
             current["path"] = row.ours
-        x = current["leaf"] if layer is None else current["leaf"][layer]
-        return row.transform.to_hf(x).astype(np_dtype, copy=False)
+        return row.transform.to_hf(current["leaf"][index]).astype(np_dtype, copy=False)
 
     weight_map = {}
     for file, group in zip(files, groups):
@@ -270,11 +269,12 @@ class HFModel:
         if not rows:
             raise HFError(f"{self.folder}: no tensor maps to our parameter {'/'.join(path)}")
         row = rows[0]
-        if not row.stacked:
+        n = row.stacked_dims
+        if not n:
             return self._one(row.hf, row, shape)
         out = np.empty(shape, np.float32)
-        for i in range(shape[0]):
-            out[i] = self._one(row.hf.format(i=i), row, shape[1:])
+        for index in np.ndindex(*shape[:n]):
+            out[index] = self._one(row.name(index), row, shape[n:])
         return out
 
     def _one(self, name: str, row, shape: tuple[int, ...]) -> np.ndarray:
@@ -352,7 +352,7 @@ def load_params(path: str | Path, model_cfg: LlamaConfig, shardings: Any | None 
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if is_hf_folder(path):
         hf = read_hf_model(path)
-        check_param_shapes(str(path), param_shapes(LlamaConfig(**{**model_cfg.model_dump(), **hf.model_section})), abstract)
+        check_param_shapes(str(path), param_shapes(type(model_cfg)(**{**model_cfg.model_dump(), **hf.model_section})), abstract)
         hf.check_tensors(model_cfg)
         flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
         leaves = []

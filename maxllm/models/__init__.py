@@ -10,8 +10,9 @@ from typing import Any
 from flax import nnx
 
 from maxllm.models.llama import Llama
+from maxllm.models.mixtral import Mixtral
 
-FAMILIES: dict[str, type[nnx.Module]] = {"llama": Llama}
+FAMILIES: dict[str, type[nnx.Module]] = {"llama": Llama, "mixtral": Mixtral}
 
 
 def build_model(cfg: Any, seed: int) -> nnx.Module:

@@ -99,24 +99,37 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
+    """One decoder layer. A family with another feed-forward (Mixtral's experts)
+    overrides `make_mlp` and `feed_forward`; the attention half is shared."""
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, stack=stack)
         self.attn = Attention(cfg, rngs=rngs, stack=stack)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, stack=stack)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.init_std, rngs=rngs, stack=stack)
+        self.mlp = self.make_mlp(cfg, rngs=rngs, stack=stack)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache):
+    def make_mlp(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...]) -> nnx.Module:
+        return SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.init_std, rngs=rngs, stack=stack)
+
+    def feed_forward(self, x_BTD, segment_ids_BT, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The MLP's output and this layer's statistics for `aux` (none here)."""
+        return self.mlp(x_BTD), {}
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache, train: bool = False):
         h_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, kv_cache)
         x_BTD = constrain(x_BTD + h_BTD, ("batch", "length", "embed"))
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "embed")), kv_cache
+        h_BTD, stats = self.feed_forward(self.mlp_norm(x_BTD), segment_ids_BT, train)
+        x_BTD = x_BTD + h_BTD
+        return constrain(x_BTD, ("batch", "length", "embed")), kv_cache, stats
 
 
 class Llama(nnx.Module):
+    block_cls: type[Block] = Block
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, rngs=rngs)
-        self.layers = Block(cfg, rngs=rngs, stack=(cfg.num_layers,))
+        self.layers = self.block_cls(cfg, rngs=rngs, stack=(cfg.num_layers,))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std)
@@ -128,19 +141,27 @@ class Llama(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         cache: Cache | None = None,
         logit_index_B: jax.Array | None = None,
+        train: bool = False,
     ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
-        """Logits (B, T, V) in float32, the updated cache (or None), aux losses ({}).
+        """Logits (B, T, V) in float32, the updated cache (or None), and `aux`:
+        {"loss": {name: weighted per-token loss}, "metrics": {name: value}} for
+        families with auxiliary losses (Mixtral's router), else {}.
 
         With `logit_index_B`, only the logits at that index of each row, (B, 1, V):
         a prefill needs the last prompt token's, and the output projection over
-        every position would cost as much as a third of the forward."""
+        every position would cost as much as a third of the forward.
+
+        `train=True` is the training step's forward: an MoE's expert capacity
+        applies (assignments past it are dropped). Otherwise (evaluation,
+        scoring, decoding) every token reaches its experts, so a sequence's
+        logits never depend on the rest of the batch."""
         cfg = self.cfg
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones_like(tokens_BT)
         x_BTD = self.embed(tokens_BT, compute_dtype(cfg.dtype))
         if cache is not None:
             cache = _cache_append_meta(cache, positions_BT, segment_ids_BT)
-        x_BTD, cache = self._run_layers(x_BTD, positions_BT, segment_ids_BT, cache)
+        x_BTD, cache, stats = self._run_layers(x_BTD, positions_BT, segment_ids_BT, cache, train)
         if logit_index_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logit_index_B[:, None, None], axis=1)
         x_BTD = self.final_norm(x_BTD)
@@ -152,9 +173,13 @@ class Llama(nnx.Module):
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         if cache is not None:
             cache = {**cache, "index": cache["index"] + jnp.sum(segment_ids_BT != 0, axis=1)}
-        return logits_BTV, cache, {}
+        return logits_BTV, cache, self.aux(stats) if stats else {}
 
-    def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache):
+    def aux(self, stats_L: dict[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+        """`aux` from the layers' statistics, stacked over layers (L, ...)."""
+        return {}
+
+    def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache, train=False):
         """Scans (or loops) one block over the stacked layer parameters. A decode
         cache holds one key and one value buffer per layer; unrolled, each layer
         writes its new rows into its own buffers in place and reads them without a
@@ -163,21 +188,24 @@ class Llama(nnx.Module):
         if cache is None:
 
             def body(x_BTD, params):
-                x_BTD, _ = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, None)
-                return x_BTD, None
+                x_BTD, _, stats = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, None, train)
+                return x_BTD, stats
 
             body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
             if self.cfg.scan_layers:
-                x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+                x_BTD, stats_L = jax.lax.scan(body, x_BTD, stacked)
             else:
+                per_layer = []
                 for i in range(self.cfg.num_layers):
-                    x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
-            return x_BTD, None
+                    x_BTD, stats = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
+                    per_layer.append(stats)
+                stats_L = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+            return x_BTD, None, stats_L
 
         def decode_body(x_BTD, layer):
             params, k, v = layer
-            x_BTD, kv_cache = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT,
-                                                          {**cache, "k": k, "v": v})
+            x_BTD, kv_cache, _ = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT,
+                                                             {**cache, "k": k, "v": v})
             return x_BTD, (kv_cache["k"], kv_cache["v"])
 
         if self.cfg.scan_layers:  # compiles once for any depth; copies the cache per step
@@ -190,7 +218,7 @@ class Llama(nnx.Module):
                 x_BTD, (k, v) = decode_body(x_BTD, layer)
                 ks.append(k)
                 vs.append(v)
-        return x_BTD, {**cache, "k": ks, "v": vs}
+        return x_BTD, {**cache, "k": ks, "v": vs}, {}
 
     # Which axis of each cache leaf is the batch (a decode slot): the serving engine
     # inserts one prefilled row into a slot along it, whatever the family's cache.
