@@ -305,3 +305,40 @@ def test_trained_moe_exports_and_transformers_generates_the_same(trained_moe, tm
                           eos_token_id=None, pad_token_id=0)
     assert gen[0, len(prompt):].tolist() == mine
     assert len(set(mine)) > 3, mine
+
+
+def test_the_serving_engine_decodes_the_moe_like_offline_greedy(trained_moe):
+    """Requests prefilled together (padded to one length: padding must not route)
+    decode as each does alone offline; int8 weights serve too."""
+    import sentencepiece as spm
+
+    from conftest import QUICKSTART
+    from maxllm.sample import greedy_generate
+    from maxllm.serve.engine import Request, SamplingParams
+    from maxllm.serve.loader import load_engine
+    from maxllm.serve.quantize import weight_bytes
+
+    run, _ = trained_moe
+    engine, tokenizer, cfg, _ = load_engine(run, dtype="float32", slots=4, max_total_tokens=64, warmup=False)
+    assert cfg.model.family == "mixtral"
+    sp = spm.SentencePieceProcessor(model_file=str(QUICKSTART / "tokenizer.model"))
+    prompts = [sp.encode(text) for text in ("The function returns", "To create a table in PostgreSQL, use the",
+                                            "In Django, a model is a class that")]
+    results = {}
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(prompt, SamplingParams(max_new_tokens=10), on_done=lambda r, i=i: results.update({i: r})))
+    engine._admit()  # one batched prefill of three lengths
+    while engine.busy_slots:
+        engine._generate()
+    for i, prompt in enumerate(prompts):
+        expected = greedy_generate(engine.graphdef, engine.params, [prompt], 10, 64, tokenizer.eos_id)[0]
+        assert [t.id for t in results[i].tokens] == expected[:len(results[i].tokens)] and results[i].tokens
+
+    int8, _, _, _ = load_engine(run, dtype="bfloat16", quantize="int8", slots=2, max_total_tokens=64, warmup=False)
+    bf16, _, _, _ = load_engine(run, dtype="bfloat16", slots=2, max_total_tokens=64, warmup=False)
+    assert weight_bytes(int8.params) < 0.6 * weight_bytes(bf16.params)
+    int8.start()
+    try:
+        assert len(int8.generate(prompts[0], SamplingParams(max_new_tokens=5)).tokens) == 5
+    finally:
+        int8.stop()

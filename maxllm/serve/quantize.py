@@ -23,11 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 # Contracted axes of each weight (per layer), by leaf name: what the scale spans.
+# An MoE's gate/up/down carry a leading experts axis (E, D, F): one more to skip.
+# Its router stays float: it is small, and routing flips on small changes.
 CONTRACTED = {
     "wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1),
     "gate": (0,), "up": (0,), "down": (0,),
     "lm_head": (0,), "table": (1,),
 }
+EXPERT_WEIGHTS = ("gate", "up", "down")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -87,7 +90,10 @@ def quantize_params(params: dict) -> dict:
             if isinstance(value, dict):
                 out[key] = walk(value, stacked or key == "layers")
             elif key in CONTRACTED:
-                out[key] = jax.jit(quantize_weight, static_argnums=(1, 2))(value, CONTRACTED[key], stacked)
+                contracted = CONTRACTED[key]
+                if key in EXPERT_WEIGHTS and value.ndim - stacked == 3:
+                    contracted = tuple(a + 1 for a in contracted)
+                out[key] = jax.jit(quantize_weight, static_argnums=(1, 2))(value, contracted, stacked)
             else:
                 out[key] = value
         return out
