@@ -187,7 +187,9 @@ class MoE(nnx.Module):
 
     def __init__(self, d: int, f: int, cfg: MoEConfig, std: float, *, rngs: nnx.Rngs, stack=()):
         E = cfg.num_experts
-        self.router = param(rngs, (d, E), ("embed", None), std=std, stack=stack)
+        # Replicated: D x E is tiny (32K values a layer in Mixtral-8x7B) and every
+        # device routes its own tokens with all of it.
+        self.router = param(rngs, (d, E), (None, None), std=std, stack=stack)
         self.gate = param(rngs, (E, d, f), ("experts", "embed", "mlp"), std=std, stack=stack)
         self.up = param(rngs, (E, d, f), ("experts", "embed", "mlp"), std=std, stack=stack)
         self.down = param(rngs, (E, f, d), ("experts", "mlp", "embed"), std=std, stack=stack)
