@@ -119,7 +119,41 @@ class MixtralConfig(LlamaConfig):
     moe: MoEConfig
 
 
-ModelConfig = typing.Annotated[LlamaConfig | MixtralConfig, Field(discriminator="family")]
+class MambaConfig(Section):
+    """Mamba-1 (`MambaForCausalLM`): selective state-space blocks, no attention."""
+
+    family: Literal["mamba"]
+    vocab_size: PositiveInt
+    d_model: PositiveInt
+    num_layers: PositiveInt
+    ssm_inner: PositiveInt | None  # I, inner width; None: 2 * d_model (Mamba's expand=2)
+    ssm_state: PositiveInt  # G, state size per inner channel (16)
+    conv_kernel: PositiveInt  # width of the depthwise causal convolution (4)
+    dt_rank: PositiveInt | None  # rank of the step-size projection; None: ceil(d_model / 16)
+    dt_min: float  # initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float
+    dt_init_floor: float
+    scan_chunk: PositiveInt  # training scan: sequential over chunks, parallel within one
+    max_seq_len: PositiveInt
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    scan_layers: bool
+    remat: RematPolicy
+
+    @property
+    def inner(self) -> int:
+        return self.ssm_inner or 2 * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or -(-self.d_model // 16)
+
+
+FAMILY_CONFIGS: dict[str, type[Section]] = {"llama": LlamaConfig, "mixtral": MixtralConfig, "mamba": MambaConfig}
+
+ModelConfig = typing.Annotated[LlamaConfig | MixtralConfig | MambaConfig, Field(discriminator="family")]
 
 AxisSpec = str | list[str] | None
 
@@ -300,7 +334,9 @@ def load_config(
     """
     raw: dict[str, Any] = {}
     for one in path if isinstance(path, list) else [path]:
-        _deep_merge(raw, _read_with_bases(Path(one), seen=()))
+        data = _read_with_bases(Path(one), seen=())
+        _merge_model_family(raw, (data.get("model") or {}).get("family"))
+        _deep_merge(raw, data)
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, schema)
@@ -331,10 +367,22 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if isinstance(bases, str):
         bases = [bases]
     merged: dict[str, Any] = {}
-    for base in bases:
-        _deep_merge(merged, _read_with_bases(path.parent / base, (*seen, path)))
-    _deep_merge(merged, data)
+    for base in [*(_read_with_bases(path.parent / b, (*seen, path)) for b in bases), data]:
+        _merge_model_family(merged, (base.get("model") or {}).get("family"))
+        _deep_merge(merged, base)
     return merged
+
+
+def _merge_model_family(raw: dict[str, Any], family: Any) -> None:
+    """Before `model.family` changes to `family`, drops the inherited model keys
+    that family does not have: base.yml's Llama defaults (num_heads, ...) do not
+    reach a Mamba model, while the keys both share (d_model, dtype, ...) do. Keys
+    set together with the new family are still checked."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or family not in FAMILY_CONFIGS or model.get("family") in (None, family):
+        return
+    fields = FAMILY_CONFIGS[family].model_fields
+    raw["model"] = {k: v for k, v in model.items() if k in fields}
 
 
 def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
@@ -349,6 +397,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.path=value")
+    if key == "model.family":
+        _merge_model_family(raw, text.strip())
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):

@@ -14,6 +14,10 @@ counted), per trained token, forward and backward (x3 the forward):
 
 T is the training sequence length. The causal halving follows MaxText: a flash
 kernel skips the masked half, so counting it would overstate MFU.
+
+Mamba has no attention term; its scan costs, per token and layer forward,
+2 * W * I (the depthwise convolution) + 8 * I * G (discretize A and B u, update
+the state, read it out with C), x3 for training: linear in the sequence length.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from maxllm.config import LlamaConfig
 def matmul_params(cfg: LlamaConfig, active: bool = True) -> int:
     """Weights that multiply activations; for an MoE, those one token uses
     (`active`) or all of them."""
+    if cfg.family == "mamba":
+        D, I, G, R = cfg.d_model, cfg.inner, cfg.ssm_state, cfg.rank
+        return cfg.num_layers * (D * 2 * I + I * (R + 2 * G) + R * I + I * D) + D * cfg.vocab_size
     D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.mlp_dim
     per_layer = D * N * H * 2 + D * K * H * 2
     moe = getattr(cfg, "moe", None)
@@ -46,13 +53,20 @@ def matmul_params(cfg: LlamaConfig, active: bool = True) -> int:
 def param_count(cfg: LlamaConfig, active: bool = False) -> int:
     """Parameters in the model (`active`: those one token uses, for an MoE)."""
     embed = cfg.vocab_size * cfg.d_model
-    norms = (2 * cfg.num_layers + 1) * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    if cfg.family == "mamba":  # per layer: norm; conv weight and bias, dt bias, A_log, D
+        I, W, G = cfg.inner, cfg.conv_kernel, cfg.ssm_state
+        norms = (cfg.num_layers + 1) * cfg.d_model + cfg.num_layers * (I * W + 3 * I + I * G)
+    else:
+        norms = (2 * cfg.num_layers + 1) * cfg.d_model
     return matmul_params(cfg, active) - cfg.d_model * cfg.vocab_size + embed + head + norms
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     """Training (forward + backward) model FLOPs per token; see the module docstring."""
+    if cfg.family == "mamba":  # the scan instead of attention: independent of the sequence length
+        scan = 3 * cfg.num_layers * (2 * cfg.conv_kernel * cfg.inner + 8 * cfg.inner * cfg.ssm_state)
+        return 6.0 * matmul_params(cfg) + scan
     attn = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
     return 6.0 * matmul_params(cfg) + attn
 

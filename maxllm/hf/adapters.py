@@ -253,7 +253,107 @@ def mixtral_from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
 MIXTRAL = Adapter("mixtral", "MixtralForCausalLM", "mixtral", MIXTRAL_ROWS, mixtral_to_hf_config,
                   mixtral_from_hf_config)
 
-ADAPTERS: dict[str, Adapter] = {"llama": LLAMA, "mixtral": MIXTRAL}
+# ---------------------------------------------------------------------------------
+# Mamba (MambaForCausalLM)
+
+# (W, I) <-> nn.Conv1d depthwise weight (I, 1, W).
+CONV = Transform(
+    lambda x: x.T[:, None, :],
+    lambda x, shape: x[:, 0, :].T,
+    lambda shape: (shape[1], 1, shape[0]),
+)
+
+_MIXER = "backbone.layers.{i}.mixer."
+
+MAMBA_ROWS = (
+    Row(("embed", "table"), "backbone.embeddings.weight"),
+    Row(("layers", "norm", "scale"), "backbone.layers.{i}.norm.weight"),
+    Row(("layers", "mixer", "in_proj"), _MIXER + "in_proj.weight", HEADS_IN),  # (D, 2, I) <-> (2I, D): u rows, then z
+    Row(("layers", "mixer", "conv_weight"), _MIXER + "conv1d.weight", CONV),
+    Row(("layers", "mixer", "conv_bias"), _MIXER + "conv1d.bias"),
+    Row(("layers", "mixer", "x_proj"), _MIXER + "x_proj.weight", TRANSPOSE),
+    Row(("layers", "mixer", "dt_proj"), _MIXER + "dt_proj.weight", TRANSPOSE),
+    Row(("layers", "mixer", "dt_bias"), _MIXER + "dt_proj.bias"),
+    Row(("layers", "mixer", "A_log"), _MIXER + "A_log"),
+    Row(("layers", "mixer", "D"), _MIXER + "D"),
+    Row(("layers", "mixer", "out_proj"), _MIXER + "out_proj.weight", TRANSPOSE),
+    Row(("final_norm", "scale"), "backbone.norm_f.weight"),
+    Row(("lm_head",), "lm_head.weight", TRANSPOSE, when=lambda cfg: not cfg.tie_embeddings),
+)
+
+
+def mamba_to_hf_config(cfg, *, bos_id: int | None, eos_id: int | None, dtype: str) -> dict[str, Any]:
+    """config.json as transformers 5.x writes it for MambaForCausalLM."""
+    expand = cfg.inner / cfg.d_model
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.inner,
+        "expand": int(expand) if expand.is_integer() else expand,
+        "state_size": cfg.ssm_state,
+        "num_hidden_layers": cfg.num_layers,
+        "conv_kernel": cfg.conv_kernel,
+        "time_step_rank": cfg.rank,
+        "time_step_min": cfg.dt_min,
+        "time_step_max": cfg.dt_max,
+        "time_step_floor": cfg.dt_init_floor,
+        "time_step_scale": 1.0,
+        "time_step_init_scheme": "random",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "hidden_act": "silu",
+        "use_bias": False,
+        "use_conv_bias": True,
+        "residual_in_fp32": True,
+        "rescale_prenorm_residual": False,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+
+
+def mamba_from_hf_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our `model:` section from a Mamba config.json. Mamba has no position limit;
+    `max_seq_len` (what maxllm checks prompts and training rows against) is 2048."""
+
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise HFError(f"{where}: missing key {key!r}")
+        return hf[key]
+
+    for key, allowed in (("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True)):
+        if hf.get(key, allowed) != allowed:
+            raise HFError(f"{where}: {key}={hf[key]!r} is not supported (maxllm's Mamba has {allowed!r})")
+    d = need("hidden_size")
+    rank = hf.get("time_step_rank", "auto")
+    return {
+        "family": "mamba",
+        "vocab_size": need("vocab_size"),
+        "d_model": d,
+        "num_layers": need("num_hidden_layers"),
+        "ssm_inner": hf.get("intermediate_size") or int(hf.get("expand", 2) * d),
+        "ssm_state": hf.get("state_size", 16),
+        "conv_kernel": hf.get("conv_kernel", 4),
+        "dt_rank": -(-d // 16) if rank == "auto" else int(rank),
+        "dt_min": float(hf.get("time_step_min", 0.001)),
+        "dt_max": float(hf.get("time_step_max", 0.1)),
+        "dt_init_floor": float(hf.get("time_step_floor", 1e-4)),
+        "scan_chunk": 64,  # maxllm's own: the training scan's chunk
+        "max_seq_len": 2048,
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "init_std": float(hf.get("initializer_range", 0.1)),
+    }
+
+
+MAMBA = Adapter("mamba", "MambaForCausalLM", "mamba", MAMBA_ROWS, mamba_to_hf_config, mamba_from_hf_config)
+
+ADAPTERS: dict[str, Adapter] = {"llama": LLAMA, "mixtral": MIXTRAL, "mamba": MAMBA}
 
 
 def adapter_for_family(family: str) -> Adapter:

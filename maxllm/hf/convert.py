@@ -173,8 +173,7 @@ def model_card(info: ExportInfo, adapter: Adapter, dtype: str) -> str:
         "",
         "| | |",
         "| --- | --- |",
-        f"| layers x width | {m.num_layers} x {m.d_model} (MLP {m.mlp_dim}) |",
-        f"| heads (query / key-value) | {m.num_heads} / {m.num_kv_heads}, head dim {m.head_size} |",
+        *_shape_rows(m),
         f"| vocabulary | {m.vocab_size} |",
         f"| context | {m.max_seq_len} (trained at {data.seq_len}) |",
         f"| training steps | {info.step if info.step is not None else 'unknown'} of {cfg.train.steps} |",
@@ -194,6 +193,18 @@ def model_card(info: ExportInfo, adapter: Adapter, dtype: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _shape_rows(m: Any) -> list[str]:
+    """The model card's rows that describe the architecture, by family."""
+    if m.family == "mamba":
+        return [f"| layers x width | {m.num_layers} x {m.d_model} (inner {m.inner}) |",
+                f"| state-space | state {m.ssm_state}, conv kernel {m.conv_kernel}, dt rank {m.rank} |"]
+    rows = [f"| layers x width | {m.num_layers} x {m.d_model} (MLP {m.mlp_dim}) |",
+            f"| heads (query / key-value) | {m.num_heads} / {m.num_kv_heads}, head dim {m.head_size} |"]
+    if m.family == "mixtral":
+        rows.append(f"| experts | {m.moe.num_experts}, top-{m.moe.top_k} per token |")
+    return rows
 
 
 def export_run(
@@ -315,9 +326,10 @@ def hf_run_config(hf: HFModel, base: str | Path = BASE_CONFIG, overrides: list[s
                   tokenizer: str | None = None) -> Config:
     """A full config for an HF model: `base` with the model section from config.json
     and the folder's tokenizer."""
-    from maxllm.config import _apply_override
+    from maxllm.config import _apply_override, _merge_model_family
 
     raw = load_config(base).to_dict()
+    _merge_model_family(raw, hf.model_section["family"])
     raw["model"] = {**raw["model"], **hf.model_section}
     raw["data"]["tokenizer"] = tokenizer or (str(hf.tokenizer_path) if hf.tokenizer_path else None)
     raw["data"]["seq_len"] = min(raw["data"]["seq_len"], hf.model_section["max_seq_len"])

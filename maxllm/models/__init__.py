@@ -10,9 +10,10 @@ from typing import Any
 from flax import nnx
 
 from maxllm.models.llama import Llama
+from maxllm.models.mamba import Mamba
 from maxllm.models.mixtral import Mixtral
 
-FAMILIES: dict[str, type[nnx.Module]] = {"llama": Llama, "mixtral": Mixtral}
+FAMILIES: dict[str, type[nnx.Module]] = {"llama": Llama, "mixtral": Mixtral, "mamba": Mamba}
 
 
 def build_model(cfg: Any, seed: int) -> nnx.Module:
