@@ -2,6 +2,11 @@
 
     python tools/bench_decode.py [--preset quickstart|smollm-135m] [--run RUN_DIR]
         [--prompt-len 32] [--new-tokens 64] [--batches 1 16]
+    python tools/bench_decode.py --contexts 128 4096 --preset quickstart-mamba quickstart
+
+The second form (maxllm only) measures one decode step's speed after a prefill of
+each context length, per preset: a Mamba's step reads a fixed-size state, a
+transformer's reads a KV cache that grows with the context.
 
 Exports one model (a random one of the preset's shape, or --run) to a Hugging
 Face folder in float32, then in this one process measures, for each batch size:
@@ -27,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "quickstart": [str(ROOT / "configs" / "quickstart.yml")],
+    "quickstart-mamba": [str(ROOT / "configs" / "quickstart-mamba.yml")],
+    "quickstart-moe": [str(ROOT / "configs" / "quickstart-moe.yml")],
     "smollm-135m": [str(ROOT / "configs" / "base.yml"), str(ROOT / "configs" / "models" / "smollm-135m.yml")],
 }
 
@@ -101,9 +108,46 @@ def bench_transformers(hf: Path, batch: int, prompt_len: int, new: int) -> tuple
     return batch * new / elapsed, ttft
 
 
+def bench_context(preset: str, context: int, batch: int, steps: int) -> float:
+    """Decode tokens/s (batch rows x steps) after a `context`-token prefill: a
+    random model of the preset, float32, greedy steps jitted with the cache donated."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from maxllm.config import load_config
+    from maxllm.models import build_model
+
+    cfg = load_config(PRESETS[preset], ["model.dtype=float32", f"model.max_seq_len={context + steps + 1}"])
+    model = build_model(cfg.model, 0)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def prefill(params, tokens, cache):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache, _ = nnx.merge(graphdef, params)(tokens, positions, cache=cache)
+        return jnp.argmax(logits[:, -1:], -1), cache
+
+    def step(params, token, cache):
+        logits, cache, _ = nnx.merge(graphdef, params)(token, cache["index"][:, None], cache=cache)
+        return jnp.argmax(logits, -1), cache
+
+    step = jax.jit(step, donate_argnums=2)
+    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.model.vocab_size)
+    token, cache = prefill(params, tokens, model.init_cache(batch, context + steps + 1))
+    token, cache = step(params, token, cache)  # compile
+    jax.block_until_ready(token)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token, cache = step(params, token, cache)
+    jax.block_until_ready(token)
+    return batch * steps / (time.perf_counter() - t0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=["quickstart"], nargs="+", choices=sorted(PRESETS))
+    parser.add_argument("--contexts", type=int, nargs="+", help="decode speed after prefills of these lengths")
     parser.add_argument("--run", default=None, help="export this run directory instead of a random model")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -112,6 +156,16 @@ def main() -> int:
 
     import jax
 
+    if args.contexts:
+        print(f"# decode step after a prefill; {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; "
+              f"float32; {args.new_tokens} steps")
+        print(f"{'preset':<18} {'batch':>5} " + " ".join(f"{'ctx ' + str(c) + ' tok/s':>16}" for c in args.contexts))
+        for preset in args.preset:
+            for batch in args.batches:
+                rates = [bench_context(preset, c, batch, args.new_tokens) for c in args.contexts]
+                print(f"{preset:<18} {batch:>5} " + " ".join(f"{r:>16,.1f}" for r in rates), flush=True)
+        return 0
+    args.preset = args.preset[0]
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         if args.run:

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 # Model shapes measured by default on CPU, with the batch and length that keep one
 # step under ~20 s on two cores.
-DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512), "quickstart-moe": (32, 128), "tiny-moe": (8, 128)}
-TOP_LEVEL = {"quickstart", "quickstart-moe"}  # configs/<name>.yml; the others are configs/models/
+DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512), "quickstart-moe": (32, 128), "tiny-moe": (8, 128),
+            "quickstart-mamba": (32, 128)}
+TOP_LEVEL = {"quickstart", "quickstart-moe", "quickstart-mamba"}  # configs/<name>.yml; the others are configs/models/
 
 
 def _model_config(preset: str, args) -> object:
@@ -43,7 +44,9 @@ def _model_config(preset: str, args) -> object:
 
     paths = [ROOT / "configs" / "base.yml"]
     paths.append(ROOT / "configs" / (f"{preset}.yml" if preset in TOP_LEVEL else f"models/{preset}.yml"))
-    overrides = [f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat={args.remat}"]
+    overrides = [f"model.dtype={args.dtype}", f"model.remat={args.remat}"]
+    if "attention" in type(load_config(paths).model).model_fields:  # not Mamba's
+        overrides.append(f"model.attention={args.attention}")
     if getattr(args, "mode", None):
         overrides.append(f"model.moe.dispatch={args.mode}")
     if args.scan is not None:
@@ -100,12 +103,16 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
 
 def run_torch(preset: str, batch: int, seq: int, args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     cfg = _model_config(preset, args)
     m = cfg.model
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count())
+    if m.family == "mamba":
+        return _run_torch_model(cfg, MambaForCausalLM(MambaConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.inner, expand=m.inner / m.d_model,
+            state_size=m.ssm_state, num_hidden_layers=m.num_layers, conv_kernel=m.conv_kernel,
+            time_step_rank=m.rank, tie_word_embeddings=m.tie_embeddings)), batch, seq, args)
     rope = {"rope_type": "default", "rope_theta": m.rope_theta}
     if m.rope_scaling is not None:
         s = m.rope_scaling
@@ -125,8 +132,16 @@ def run_torch(preset: str, batch: int, seq: int, args) -> dict:
         model_cls = MixtralForCausalLM
     else:
         hf_cfg, model_cls = LlamaConfig(**shape), LlamaForCausalLM
+    return _run_torch_model(cfg, model_cls(hf_cfg), batch, seq, args)
+
+
+def _run_torch_model(cfg, model, batch: int, seq: int, args) -> dict:
+    import torch
+
+    m = cfg.model
+    torch.set_num_threads(os.cpu_count())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
-    model = model_cls(hf_cfg).to(dtype).train()
+    model = model.to(dtype).train()
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
     tokens = torch.randint(0, m.vocab_size, (batch, seq))
