@@ -136,6 +136,7 @@ def selective_scan(delta_BTI, A_IG, b_BTG, c_BTG, u_BTI, keep_BT, h0_BIG, chunk:
     sequential scan over chunks, a parallel one within, recomputed in the backward."""
     B, T, I = delta_BTI.shape
     G = A_IG.shape[-1]
+    chunk = min(chunk, T)  # a decode step (T = 1) is one plain update
     n = -(-T // chunk)
     pad = n * chunk - T
     if pad:  # trailing positions that change nothing: no decay, no input
