@@ -241,3 +241,14 @@ def test_the_serving_engine_decodes_mamba_like_offline_greedy(trained_mamba):
     for i, prompt in enumerate(_prompts()):
         expected = greedy_generate(engine.graphdef, engine.params, [prompt], 10, 64, tokenizer.eos_id)[0]
         assert [t.id for t in results[i].tokens] == expected[:len(results[i].tokens)] and results[i].tokens
+
+
+def test_the_training_scan_never_holds_the_whole_sequence_state():
+    """Forward and backward over T=256 in chunks of 16: no (B, T, I, G) array in
+    the compiled program, only (B, 16, I, G) chunks."""
+    B, T, I, G = 2, 256, 6, 4
+    args = _scan_inputs(B=B, T=T, I=I, G=G)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(selective_scan(*a, None, 16)[0]), argnums=(0, 2, 4)))
+    hlo = grad.lower(*args).compile().as_text()
+    assert f"f32[{B},16,{I},{G}]" in hlo
+    assert f"f32[{B},{T},{I},{G}]" not in hlo and f"f32[16,{B},16,{I},{G}]" not in hlo
