@@ -91,3 +91,49 @@ def test_a_malformed_document_file_names_its_line(exported, tmp_path):
     bad.write_text('{"text": "fine"}\n{"body": "x"}\n')
     with pytest.raises(EvalDataError, match=r"bad.jsonl:2: no string field 'text'"):
         perplexity(lm, bad)
+
+
+MC = [
+    {"query": "To create a table in PostgreSQL, use the", "choices": ["CREATE TABLE command.", "print function.",
+                                                                       "Django admin."], "gold": 0},
+    {"query": "In Python, a function returns", "choices": ["a value.", "a table of rows in the database"], "gold": 0},
+    {"query": "The Django ORM maps models to", "choices": ["database tables.", "colors.", "music", "x"], "gold": 0},
+    {"query": "SELECT reads rows from", "choices": ["a table.", "the moon."], "gold": 1},
+]
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_multiple_choice_scores_equal_transformers(exported, tmp_path, shots):
+    from maxllm.eval import read_choice_file, score_choices
+    from maxllm.eval.tasks import fewshot_prefix
+    import random
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MC))
+    examples = read_choice_file(path)
+    lm = LanguageModel.load(exported, batch_size=4)
+    ours = score_choices(lm, examples, num_fewshot=shots, seed=7)
+
+    hf = _hf(exported)
+    rng = random.Random(7)
+    acc = acc_norm = 0
+    for ex, lls in zip(examples, ours["loglikelihoods"]):
+        context = fewshot_prefix(examples, shots, rng, ex) + ex.query
+        ctx = lm.tokenizer.encode(context)
+        theirs = []
+        for choice in ex.choices:
+            cont = lm.tokenizer.encode(context + " " + choice)[len(ctx):]
+            theirs.append(float(_their_logprobs(hf, [*ctx, *cont])[0][-len(cont):].sum()))
+        np.testing.assert_allclose(lls, theirs, atol=1e-4)
+        acc += int(np.argmax(theirs) == ex.gold)
+        acc_norm += int(np.argmax([t / len(" " + c) for t, c in zip(theirs, ex.choices)]) == ex.gold)
+    assert (ours["acc"], ours["acc_norm"]) == (acc / len(MC), acc_norm / len(MC))
+
+
+def test_a_task_whose_answer_is_not_among_the_choices_is_reported(tmp_path):
+    from maxllm.eval import read_choice_file
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps(MC[0]) + "\n" + json.dumps({**MC[1], "gold": 2}) + "\n")
+    with pytest.raises(EvalDataError, match=r"mc.jsonl:2: 'gold'=2 is not among the 2 choices"):
+        read_choice_file(path)
