@@ -118,3 +118,54 @@ def resume_input(cfg: Config, sharding, ckpt_dir: Path, before: int, after: int)
     got = read(resumed, after)
     ckpt.close()
     return resumed, expected, got
+
+
+def model_logits(pretrained, tokens):
+    """Our float32 logits (B, T, V) for `tokens` from a `maxllm.hf.Pretrained`."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from maxllm.models import build_model
+
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(pretrained.config.model, 0))), pretrained.params)
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    logits, _, _ = model(jnp.asarray(tokens), jnp.asarray(positions))
+    return np.asarray(logits)
+
+
+def exported_vs_transformers(run: Path, out: Path, prompt: list[int], new_tokens: int = 20):
+    """Exports run directory `run` to `out` (float32) and loads it with transformers.
+    Returns (transformers model, loading info, max |logit difference| on random
+    tokens, our greedy continuation of `prompt`, transformers' greedy continuation)."""
+    import numpy as np
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from maxllm.hf import export_run, load_pretrained
+    from maxllm.models import build_model
+    from maxllm.sample import greedy_generate
+
+    folder = export_run(run, out, dtype="float32")
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    hf.eval()
+    ours = load_pretrained(run)
+    tokens = np.random.default_rng(5).integers(0, ours.config.model.vocab_size, (2, 24)).astype(np.int32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    diff = float(np.abs(model_logits(ours, tokens) - theirs).max())
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(ours.config.model, 0)))
+    mine = greedy_generate(graphdef, ours.params, [prompt], new_tokens, ours.config.model.max_seq_len)[0]
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    return hf, info, diff, mine, gen[0, len(prompt):].tolist()
+
+
+def quickstart_prompts(*texts: str) -> list[list[int]]:
+    """`texts` encoded with the quickstart tokenizer."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(QUICKSTART / "tokenizer.model"))
+    return [sp.encode(t) for t in texts]

@@ -18,7 +18,7 @@ from maxllm.import_hf import import_hf
 from maxllm.models import build_model
 from maxllm.sample import greedy_generate
 
-from conftest import QUICKSTART, train_on_quickstart
+from conftest import QUICKSTART, model_logits, train_on_quickstart
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -46,13 +46,6 @@ def _hf_llama(folder, tied: bool, kv_heads: int = 2, seed: int = 0):
     return model
 
 
-def _our_logits(pretrained, tokens):
-    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(pretrained.config.model, 0))), pretrained.params)
-    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    logits, _, _ = model(jax.numpy.asarray(tokens), jax.numpy.asarray(positions))
-    return np.asarray(logits)
-
-
 def _tokens(vocab, shape=(2, 17), seed=3):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
@@ -66,12 +59,12 @@ def test_transformers_llama_imports_with_equal_logits(tmp_path, tied, kv_heads):
 
     direct = load_pretrained(tmp_path / "hf")  # an HF folder, loaded directly
     assert direct.config.model.tie_embeddings == tied and direct.config.model.num_kv_heads == kv_heads
-    diff = np.abs(_our_logits(direct, tokens) - theirs).max()
+    diff = np.abs(model_logits(direct, tokens) - theirs).max()
     assert diff <= 1e-4, diff
 
     run = import_hf(tmp_path / "hf", tmp_path / "run")  # a run directory with a checkpoint
     imported = load_pretrained(run)
-    assert np.abs(_our_logits(imported, tokens) - theirs).max() <= 1e-4
+    assert np.abs(model_logits(imported, tokens) - theirs).max() <= 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +101,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generations(trained_
     tokens = _tokens(4096, (2, 24))
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    diff = np.abs(_our_logits(ours, tokens) - theirs).max()
+    diff = np.abs(model_logits(ours, tokens) - theirs).max()
     assert diff <= 1e-4, diff
 
     tok = AutoTokenizer.from_pretrained(out)

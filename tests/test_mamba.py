@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from maxllm.config import MESH_AXES, load_config
 from maxllm.models import build_model
 from maxllm.models.mamba import selective_scan
 from maxllm.train import train
 
-from conftest import ROOT
+from conftest import ROOT, exported_vs_transformers, model_logits, quickstart_prompts
 
 TINY_MAMBA = ROOT / "tests" / "configs" / "tiny-mamba.yml"
 
@@ -142,13 +141,7 @@ def _hf_mamba(folder, seed=0):
     return model
 
 
-def _logits(pretrained, tokens):
-    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(pretrained.config.model, 0))), pretrained.params)
-    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    return np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions))[0])
-
-
-def test_transformers_mamba_imports_with_equal_logits(tmp_path):
+def test_transformers_mamba_imports_with_equalmodel_logits(tmp_path):
     torch = pytest.importorskip("torch")
     from maxllm.hf import load_pretrained
     from maxllm.import_hf import import_hf
@@ -159,11 +152,11 @@ def test_transformers_mamba_imports_with_equal_logits(tmp_path):
         theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
     direct = load_pretrained(tmp_path / "hf", ["model.dtype=float32"])
     assert direct.config.model.family == "mamba" and direct.config.model.inner == 64
-    diff = np.abs(_logits(direct, tokens) - theirs).max()
+    diff = np.abs(model_logits(direct, tokens) - theirs).max()
     print(f"\nMamba import: max |logit difference| vs transformers (slow path) {diff:.2e}")
     assert diff <= 1e-4, diff
     run = import_hf(tmp_path / "hf", tmp_path / "run")
-    assert np.abs(_logits(load_pretrained(run, ["model.dtype=float32"]), tokens) - theirs).max() <= 1e-4
+    assert np.abs(model_logits(load_pretrained(run, ["model.dtype=float32"]), tokens) - theirs).max() <= 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -182,43 +175,18 @@ def trained_mamba(tmp_path_factory):
 
 
 def _prompts():
-    import sentencepiece as spm
-
-    from conftest import QUICKSTART
-
-    sp = spm.SentencePieceProcessor(model_file=str(QUICKSTART / "tokenizer.model"))
-    return [sp.encode(text) for text in ("To create a table in PostgreSQL, use", "The function returns",
-                                         "In Django, a model is a class that")]
+    return quickstart_prompts("To create a table in PostgreSQL, use", "The function returns",
+                              "In Django, a model is a class that")
 
 
 def test_trained_mamba_exports_loads_in_transformers_and_generates_the_same(trained_mamba, tmp_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    from maxllm.hf import export_run, load_pretrained
-    from maxllm.sample import greedy_generate
-
-    run = trained_mamba
-    out = export_run(run, tmp_path / "hf", dtype="float32")
-    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    pytest.importorskip("torch")
+    hf, info, diff, mine, theirs = exported_vs_transformers(trained_mamba, tmp_path / "hf", _prompts()[0])
     assert type(hf).__name__ == "MambaForCausalLM"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    hf.eval()
-    ours = load_pretrained(run)
-    tokens = np.random.default_rng(5).integers(0, 4096, (2, 24)).astype(np.int32)
-    with torch.no_grad():
-        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    diff = np.abs(_logits(ours, tokens) - theirs).max()
     print(f"\ntrained tiny Mamba exported: max |logit difference| vs transformers {diff:.2e}")
     assert diff <= 1e-4, diff
-
-    prompt = _prompts()[0]
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(ours.config.model, 0)))
-    mine = greedy_generate(graphdef, ours.params, [prompt], 20, ours.config.model.max_seq_len)[0]
-    with torch.no_grad():
-        gen = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    assert gen[0, len(prompt):].tolist() == mine
+    assert theirs == mine
     assert len(set(mine)) > 3, mine
 
 

@@ -11,7 +11,7 @@ from maxllm.metrics import flops_per_token, matmul_params, param_count
 from maxllm.models import moe
 from maxllm.train import train
 
-from conftest import ROOT
+from conftest import ROOT, exported_vs_transformers, model_logits, quickstart_prompts
 
 TINY_MOE = ROOT / "tests" / "configs" / "tiny-moe.yml"
 
@@ -205,19 +205,8 @@ def _hf_mixtral(folder, seed=0):
     return model
 
 
-def _logits(pretrained, tokens):
-    from flax import nnx
-
-    from maxllm.models import build_model
-
-    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(pretrained.config.model, 0))), pretrained.params)
-    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    logits, _, _ = model(jnp.asarray(tokens), jnp.asarray(positions))
-    return np.asarray(logits)
-
-
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_transformers_mixtral_imports_with_equal_logits(tmp_path, dispatch):
+def test_transformers_mixtral_imports_with_equalmodel_logits(tmp_path, dispatch):
     torch = pytest.importorskip("torch")
     from maxllm.hf import load_pretrained
     from maxllm.import_hf import import_hf
@@ -228,11 +217,11 @@ def test_transformers_mixtral_imports_with_equal_logits(tmp_path, dispatch):
         theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
     direct = load_pretrained(tmp_path / "hf", [f"model.moe.dispatch={dispatch}"])
     assert direct.config.model.family == "mixtral" and direct.config.model.moe.num_experts == 4
-    diff = np.abs(_logits(direct, tokens) - theirs).max()
+    diff = np.abs(model_logits(direct, tokens) - theirs).max()
     print(f"\nMixtral import ({dispatch}): max |logit difference| vs transformers {diff:.2e}")
     assert diff <= 1e-4, diff
     run = import_hf(tmp_path / "hf", tmp_path / "run")
-    assert np.abs(_logits(load_pretrained(run, [f"model.moe.dispatch={dispatch}"]), tokens) - theirs).max() <= 1e-4
+    assert np.abs(model_logits(load_pretrained(run, [f"model.moe.dispatch={dispatch}"]), tokens) - theirs).max() <= 1e-4
 
 
 TINY_MOE_SECTION = ("{num_experts: 8, top_k: 2, dispatch: capacity, capacity_factor: 1.25, "
@@ -270,51 +259,21 @@ def trained_moe(tmp_path_factory):
 
 
 def test_trained_moe_exports_and_transformers_generates_the_same(trained_moe, tmp_path):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    from maxllm.hf import export_run, load_pretrained
-    from maxllm.sample import greedy_generate
-
+    pytest.importorskip("torch")
     run, _ = trained_moe
-    out = export_run(run, tmp_path / "hf", dtype="float32")
-    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    prompt = quickstart_prompts("To create a table in PostgreSQL, use")[0]
+    hf, info, diff, mine, theirs = exported_vs_transformers(run, tmp_path / "hf", prompt)
     assert type(hf).__name__ == "MixtralForCausalLM"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    hf.eval()
-    ours = load_pretrained(run)
-    tokens = np.random.default_rng(5).integers(0, 4096, (2, 24)).astype(np.int32)
-    with torch.no_grad():
-        theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
-    diff = np.abs(_logits(ours, tokens) - theirs).max()
     print(f"\ntrained tiny MoE exported: max |logit difference| vs transformers {diff:.2e}")
     assert diff <= 1e-4, diff
-
-    from flax import nnx
-
-    from maxllm.models import build_model
-
-    import sentencepiece as spm
-
-    from conftest import QUICKSTART
-
-    prompt = spm.SentencePieceProcessor(model_file=str(QUICKSTART / "tokenizer.model")).encode(
-        "To create a table in PostgreSQL, use")
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(ours.config.model, 0)))
-    mine = greedy_generate(graphdef, ours.params, [prompt], 20, ours.config.model.max_seq_len)[0]
-    with torch.no_grad():
-        gen = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    assert gen[0, len(prompt):].tolist() == mine
+    assert theirs == mine
     assert len(set(mine)) > 3, mine
 
 
 def test_the_serving_engine_decodes_the_moe_like_offline_greedy(trained_moe):
     """Requests prefilled together (padded to one length: padding must not route)
     decode as each does alone offline; int8 weights serve too."""
-    import sentencepiece as spm
-
-    from conftest import QUICKSTART
     from maxllm.sample import greedy_generate
     from maxllm.serve.engine import Request, SamplingParams
     from maxllm.serve.loader import load_engine
@@ -323,9 +282,8 @@ def test_the_serving_engine_decodes_the_moe_like_offline_greedy(trained_moe):
     run, _ = trained_moe
     engine, tokenizer, cfg, _ = load_engine(run, dtype="float32", slots=4, max_total_tokens=64, warmup=False)
     assert cfg.model.family == "mixtral"
-    sp = spm.SentencePieceProcessor(model_file=str(QUICKSTART / "tokenizer.model"))
-    prompts = [sp.encode(text) for text in ("The function returns", "To create a table in PostgreSQL, use the",
-                                            "In Django, a model is a class that")]
+    prompts = quickstart_prompts("The function returns", "To create a table in PostgreSQL, use the",
+                                 "In Django, a model is a class that")
     results = {}
     for i, prompt in enumerate(prompts):
         engine.submit(Request(prompt, SamplingParams(max_new_tokens=10), on_done=lambda r, i=i: results.update({i: r})))

@@ -13,6 +13,7 @@ import glob
 import gzip
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,22 +124,30 @@ def read_jsonl_texts(pattern: str, text_field: str) -> list[str]:
         path = Path(name)
         if not path.is_file():
             raise DataError(f"{path}: data file not found (data.path={pattern!r})")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            if ".json" not in path.name:  # plain text: the whole file is one document
+        if ".json" not in path.name:  # plain text: the whole file is one document
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as f:
                 texts.append(f.read())
-                continue
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: no string field {text_field!r} (set data.text_field)")
-                texts.append(text)
+            continue
+        for lineno, record in iter_jsonl(path):
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: no string field {text_field!r} (set data.text_field)")
+            texts.append(text)
     if not texts:
         raise DataError(f"{pattern}: no documents")
     return texts
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line of a .jsonl[.gz] file;
+    a line that is not JSON is a DataError naming the file and line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None

@@ -12,40 +12,20 @@ on the tokenizer, so it compares models with different vocabularies.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from pathlib import Path
 
+from maxllm.data.sources import DataError, read_jsonl_texts
 from maxllm.eval.scoring import LanguageModel
 
 
-class EvalDataError(ValueError):
-    """A file that cannot be read as documents or tasks; names the file and line."""
+# Evaluation reads its files with the data pipeline's readers, and their errors.
+EvalDataError = DataError
 
 
 def read_documents(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: not found")
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    opener = gzip.open if path.name.endswith(".gz") else open
-    docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise EvalDataError(f"{path}:{line_no}: no string field {text_field!r}")
-            docs.append(record[text_field])
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
+    """A .txt file's text (one document) or a .jsonl[.gz] file's `text_field`s."""
+    return read_jsonl_texts(str(path), text_field)[:limit]
 
 
 def perplexity(lm: LanguageModel, path: str | Path, text_field: str = "text", limit: int | None = None) -> dict:

@@ -17,11 +17,10 @@ deterministically from `seed`, never the example itself.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import random
 from pathlib import Path
 
+from maxllm.data.sources import iter_jsonl
 from maxllm.eval.perplexity import EvalDataError
 from maxllm.eval.scoring import LanguageModel
 
@@ -38,29 +37,21 @@ def read_choice_file(path: str | Path, limit: int | None = None) -> list[Choice]
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path}: not found")
-    opener = gzip.open if path.name.endswith(".gz") else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{where}: expected an object with query, choices, gold")
-            query, choices, gold = record.get("query"), record.get("choices"), record.get("gold")
-            if not isinstance(query, str):
-                raise EvalDataError(f"{where}: 'query' must be a string")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise EvalDataError(f"{where}: 'choices' must be a list of at least two strings")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise EvalDataError(f"{where}: 'gold'={gold!r} is not among the {len(choices)} choices")
-            out.append(Choice(query, tuple(choices), gold))
-            if limit is not None and len(out) >= limit:
-                break
+    for line_no, record in iter_jsonl(path):
+        where = f"{path}:{line_no}"
+        if not isinstance(record, dict):
+            raise EvalDataError(f"{where}: expected an object with query, choices, gold")
+        query, choices, gold = record.get("query"), record.get("choices"), record.get("gold")
+        if not isinstance(query, str):
+            raise EvalDataError(f"{where}: 'query' must be a string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise EvalDataError(f"{where}: 'choices' must be a list of at least two strings")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise EvalDataError(f"{where}: 'gold'={gold!r} is not among the {len(choices)} choices")
+        out.append(Choice(query, tuple(choices), gold))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

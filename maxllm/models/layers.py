@@ -30,13 +30,17 @@ def param(
     shape: Sequence[int],
     axes: Sequence[str],
     *,
-    std: float | None,
+    std: float | None = None,
     stack: Sequence[int] = (),
+    init: Callable[[jax.Array, tuple[int, ...]], jax.Array] | None = None,
 ) -> nnx.Param:
-    """A float32 parameter named by logical axes; std=None means ones (norm scales)."""
+    """A float32 parameter named by logical axes: normal(0, std), or ones when
+    std is None (norm scales), or `init(key, shape)` when given."""
     full = (*stack, *shape)
     names = (*("layers",) * len(stack), *axes)
-    if std is None:
+    if init is not None:
+        value = init(rngs.params(), full).astype(jnp.float32)
+    elif std is None:
         value = jnp.ones(full, jnp.float32)
     else:
         value = std * jax.random.normal(rngs.params(), full, jnp.float32)

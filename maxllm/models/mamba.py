@@ -42,12 +42,6 @@ from maxllm.models.layers import Embed, RMSNorm, compute_dtype, dense, param, re
 Cache = dict[str, Any]
 
 
-def _init(rngs: nnx.Rngs, value_fn, shape, axes, stack) -> nnx.Param:
-    """A float32 parameter drawn by `value_fn(key, full_shape)`."""
-    full = (*stack, *shape)
-    return nnx.Param(value_fn(rngs.params(), full).astype(jnp.float32), axes=(*("layers",) * len(stack), *axes))
-
-
 def _uniform(bound):
     return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
@@ -58,21 +52,21 @@ class Mixer(nnx.Module):
     def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...]):
         D, I, G, R, W = cfg.d_model, cfg.inner, cfg.ssm_state, cfg.rank, cfg.conv_kernel
         self.in_proj = param(rngs, (D, 2, I), ("embed", None, "ssm_inner"), std=cfg.init_std, stack=stack)
-        self.conv_weight = _init(rngs, _uniform(1 / math.sqrt(W)), (W, I), (None, "ssm_inner"), stack)
-        self.conv_bias = _init(rngs, lambda k, s: jnp.zeros(s), (I,), ("ssm_inner",), stack)
+        self.conv_weight = param(rngs, (W, I), (None, "ssm_inner"), init=_uniform(1 / math.sqrt(W)), stack=stack)
+        self.conv_bias = param(rngs, (I,), ("ssm_inner",), init=lambda k, s: jnp.zeros(s), stack=stack)
         self.x_proj = param(rngs, (I, R + 2 * G), ("ssm_inner", None), std=cfg.init_std, stack=stack)
-        self.dt_proj = _init(rngs, _uniform(R**-0.5), (R, I), (None, "ssm_inner"), stack)
+        self.dt_proj = param(rngs, (R, I), (None, "ssm_inner"), init=_uniform(R**-0.5), stack=stack)
 
         def dt_bias(key, shape):  # softplus^-1 of step sizes log-uniform in [dt_min, dt_max]
             lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
             dt = jnp.maximum(jnp.exp(jax.random.uniform(key, shape) * (hi - lo) + lo), cfg.dt_init_floor)
             return dt + jnp.log(-jnp.expm1(-dt))
 
-        self.dt_bias = _init(rngs, dt_bias, (I,), ("ssm_inner",), stack)
-        self.A_log = _init(rngs, lambda k, s: jnp.broadcast_to(jnp.log(jnp.arange(1, G + 1, dtype=jnp.float32)), s),
-                           (I, G), ("ssm_inner", "ssm_state"), stack)
-        self.D = _init(rngs, lambda k, s: jnp.ones(s), (I,), ("ssm_inner",), stack)
-        self.out_proj = _init(rngs, _uniform(1 / math.sqrt(I)), (I, D), ("ssm_inner", "embed"), stack)
+        self.dt_bias = param(rngs, (I,), ("ssm_inner",), init=dt_bias, stack=stack)
+        a_log = lambda k, s: jnp.broadcast_to(jnp.log(jnp.arange(1, G + 1, dtype=jnp.float32)), s)  # noqa: E731
+        self.A_log = param(rngs, (I, G), ("ssm_inner", "ssm_state"), init=a_log, stack=stack)
+        self.D = param(rngs, (I,), ("ssm_inner",), init=lambda k, s: jnp.ones(s), stack=stack)
+        self.out_proj = param(rngs, (I, D), ("ssm_inner", "embed"), init=_uniform(1 / math.sqrt(I)), stack=stack)
         self.cfg = cfg
 
     def __call__(self, x_BTD, segment_ids_BT, state: Cache | None):
