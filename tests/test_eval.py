@@ -1,5 +1,6 @@
 """Evaluation against transformers on the same exported model: continuation
-log-likelihoods, greedy flags, and bits-per-byte of a text file."""
+log-likelihoods, greedy flags, bits-per-byte of a text file, multiple-choice
+scores and greedy generation; the `python -m maxllm.eval` command."""
 
 import gzip
 import json
@@ -126,7 +127,7 @@ def test_multiple_choice_scores_equal_transformers(exported, tmp_path, shots):
             theirs.append(float(_their_logprobs(hf, [*ctx, *cont])[0][-len(cont):].sum()))
         np.testing.assert_allclose(lls, theirs, atol=1e-4)
         acc += int(np.argmax(theirs) == ex.gold)
-        acc_norm += int(np.argmax([t / len(" " + c) for t, c in zip(theirs, ex.choices)]) == ex.gold)
+        acc_norm += int(np.argmax([t / len(c) for t, c in zip(theirs, ex.choices)]) == ex.gold)
     assert (ours["acc"], ours["acc_norm"]) == (acc / len(MC), acc_norm / len(MC))
 
 
@@ -137,3 +138,71 @@ def test_a_task_whose_answer_is_not_among_the_choices_is_reported(tmp_path):
     path.write_text(json.dumps(MC[0]) + "\n" + json.dumps({**MC[1], "gold": 2}) + "\n")
     with pytest.raises(EvalDataError, match=r"mc.jsonl:2: 'gold'=2 is not among the 2 choices"):
         read_choice_file(path)
+
+
+def test_generation_equals_transformers_greedy_decoding(exported):
+    lm = LanguageModel.load(exported, batch_size=4)
+    hf = _hf(exported)
+    contexts = ["To create a table in PostgreSQL,", "The function returns", "In Django, a model",
+                "SELECT * FROM", "Python"]
+    stops = [(), (".",), ("\n", " the"), (), ("e",)]
+    ours = lm.generate_until([(c, s, 12) for c, s in zip(contexts, stops)])
+    for context, stop, text in zip(contexts, stops, ours):
+        ids = lm.tokenizer.encode(context)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=lm.tokenizer.eos_id, pad_token_id=lm.tokenizer.eos_id)
+        new = out[0, len(ids):].tolist()
+        new = new[: new.index(lm.tokenizer.eos_id)] if lm.tokenizer.eos_id in new else new
+        theirs = lm.tokenizer.decode(new)
+        cuts = [theirs.find(s) for s in stop if s in theirs]
+        expected = theirs[: min(cuts)] if cuts else theirs
+        assert text == expected, (context, text, theirs)
+    assert any(s and s[0] in t for s, t in zip(stops, [lm.generate_until([(c, (), 12)])[0] for c in contexts]))
+
+
+def test_generative_task_scores_exact_match(exported, tmp_path):
+    from maxllm.eval import read_generic, run_task
+
+    lm = LanguageModel.load(exported, batch_size=4)
+    queries = ["The function returns", "To create a table in PostgreSQL,", "In Django, a model", "SELECT", "def"]
+    produced = lm.generate_until([(q, (), 20) for q in queries])
+    queries, produced = zip(*[(q, p) for q, p in zip(queries, produced) if p.strip()][:3])
+    assert len(produced) == 3, produced
+    path = tmp_path / "gen.jsonl"
+    answers = [produced[0].strip(), "certainly not this", [" nor this", produced[2]]]
+    path.write_text("".join(json.dumps({"query": q, "answer": a, "stop": [], "max_new_tokens": 20}) + "\n"
+                            for q, a in zip(queries, answers)))
+    task = read_generic(path)
+    assert task.kind == "generate"
+    out = run_task(lm, task)
+    assert out["outputs"] == list(produced)
+    assert out["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_eval_command_writes_results(exported, tmp_path, capsys):
+    from maxllm.eval.__main__ import main
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text(gzip.open(QUICKSTART / "valid.jsonl.gz", "rt").readline()[:3000])
+    out = tmp_path / "results.json"
+    code = main(["--model", str(exported), "--tasks", f"docs_mc,docs_qa,{docs}", "--num-fewshot", "2",
+                 "--limit", "6", "--batch-size", "8", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert results["docs_mc"]["n"] == 6 and 0 <= results["docs_mc"]["acc"] <= 1
+    assert results["docs_qa"]["n"] == 6 and "exact_match" in results["docs_qa"]
+    assert results["docs"]["documents"] == 1 and results["docs"]["bits_per_byte"] > 0
+    assert report["config"]["num_fewshot"] == 2
+    printed = capsys.readouterr().out
+    assert "| docs_mc | 6 | acc |" in printed
+
+    # the same scores through the library, and a bad task file fails before the model loads
+    from maxllm.eval import evaluate
+    again = evaluate(LanguageModel.load(exported, batch_size=8), ["docs_mc"], num_fewshot=2, limit=6)
+    assert again["docs_mc"]["acc"] == results["docs_mc"]["acc"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MC[0]) + "\n" + '{"query": "x", "choices": ["a"], "gold": 0}\n')
+    assert main(["--model", str(tmp_path / "missing"), "--tasks", str(bad)]) == 2
+    assert "bad.jsonl:2: 'choices' must be a list of at least two strings" in capsys.readouterr().err

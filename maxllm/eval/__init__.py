@@ -1,8 +1,10 @@
-"""Evaluation: log-likelihood scoring, perplexity and bits-per-byte (docs/eval.md)."""
+"""Evaluation: log-likelihood scoring, perplexity and bits-per-byte, multiple-choice
+and generative tasks, the `python -m maxllm.eval` command (docs/eval.md)."""
 
 from maxllm.eval.perplexity import EvalDataError, perplexity, read_documents
 from maxllm.eval.scoring import LanguageModel
-from maxllm.eval.tasks import Choice, read_choice_file, score_choices
+from maxllm.eval.tasks import Choice, Generation, Task, evaluate, load_tasks, read_choice_file, read_generic, \
+    run_task, score_choices
 
-__all__ = ["Choice", "EvalDataError", "LanguageModel", "perplexity", "read_choice_file", "read_documents",
-           "score_choices"]
+__all__ = ["Choice", "EvalDataError", "Generation", "LanguageModel", "Task", "evaluate", "load_tasks", "perplexity",
+           "read_choice_file", "read_documents", "read_generic", "run_task", "score_choices"]

@@ -4,13 +4,16 @@ documents, batched with padding buckets, for a run directory or an HF folder.
     lm = LanguageModel.load("runs/quickstart")          # or an HF folder
     lm.loglikelihood([(context_ids, continuation_ids), ...])  -> [(logprob, is_greedy), ...]
     lm.loglikelihood_rolling(document_ids)                    -> logprob of every token
+    lm.generate_until([(context, stop_strings, max_new_tokens), ...]) -> [text, ...]
 
 Conventions are lm-evaluation-harness's: a continuation is scored given its
 context (the context truncated from the left when the pair exceeds the model's
 length); `is_greedy` says whether every continuation token is the argmax; a
 document is scored in disjoint windows of `max_seq_len` predicted tokens, the
 first token predicted from a prefix token (BOS, or EOS for tokenizers without
-one), each window conditioned on the token before it.
+one), each window conditioned on the token before it; generation is greedy,
+from the context cut from the left to leave room for the new tokens, and ends at
+EOS, at `max_new_tokens`, or before the first stop string.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ class _Row:
 class LanguageModel:
     """A model held for scoring (no gradients, no cache)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: Any, config: Any, tokenizer: Any = None, batch_size: int = 16):
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, config: Any, tokenizer: Any = None, batch_size: int = 16,
+                 batch_multiple: int = 1):
+        """`batch_multiple`: every batch has a multiple of this many rows (the
+        data-parallel devices of a training mesh, so the batch splits over them)."""
         self.graphdef, self.params, self.config, self.tokenizer = graphdef, params, config, tokenizer
         self.max_len = config.model.max_seq_len
-        self.batch_size = batch_size
+        self.batch_multiple = batch_multiple
+        self.batch_size = _round_up(batch_size, batch_multiple)
 
         def score(params, tokens_BT, targets_BT, segments_BT):
             model = nnx.merge(graphdef, params)
@@ -50,7 +57,25 @@ class LanguageModel:
             greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
             return target_BT, greedy_BT
 
+        def prefill(params, tokens_BP, lengths_B, cache_len):
+            model = nnx.merge(graphdef, params)
+            B, P = tokens_BP.shape
+            positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+            segments_BP = (positions_BP < lengths_B[:, None]).astype(jnp.int32)
+            cache = model.init_cache(B, cache_len)
+            logits_B1V, cache, _ = model(tokens_BP, positions_BP, segments_BP, cache,
+                                         logit_index_B=jnp.maximum(lengths_B - 1, 0))
+            return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
+
+        def decode(params, token_B, cache):
+            model = nnx.merge(graphdef, params)
+            position_B1 = cache["index"][:, None]
+            logits_B1V, cache, _ = model(token_B[:, None], position_B1, jnp.ones_like(position_B1), cache)
+            return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
+
         self._score = jax.jit(score)
+        self._prefill = jax.jit(prefill, static_argnums=3)
+        self._decode = jax.jit(decode, donate_argnums=2)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32", batch_size: int = 16,
@@ -67,6 +92,22 @@ class LanguageModel:
         return cls(graphdef, loaded.params, cfg, tokenizer, batch_size)
 
     # -----------------------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of a (context, continuation) text pair, as the harness makes
+        them: whitespace ending the context moves to the continuation; the
+        continuation is what encoding the whole adds past the context's tokens;
+        an empty context is the prefix token (BOS, else EOS), unless the
+        continuation starts with that token."""
+        tok = self._tokenizer()
+        stripped = context.rstrip()
+        if not stripped:
+            ids = tok.encode(context + continuation)
+            prefix = self._prefix_token()
+            return ([prefix], ids) if not ids or ids[0] != prefix else (ids[:1], ids[1:])
+        continuation = context[len(stripped):] + continuation
+        context_ids = tok.encode(stripped)
+        return context_ids, tok.encode(stripped + continuation)[len(context_ids):]
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """log P(continuation | context) and whether greedy decoding gives it."""
@@ -99,11 +140,70 @@ class LanguageModel:
             totals[owner[row.index]] += float(np.sum(logprob_T))
         return totals
 
-    def _prefix_token(self) -> int:
+    def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
+        """Greedy continuations of text contexts: each ends at EOS, after
+        `max_new_tokens`, or just before the first of its stop strings (cut there)."""
+        tok = self._tokenizer()
+        prompts = []
+        for i, (context, stop, max_new) in enumerate(requests):
+            if not 0 < max_new < self.max_len:
+                raise ValueError(f"request {i}: max_new_tokens={max_new} must be in [1, {self.max_len})")
+            ids = tok.encode(context) if context else [self._prefix_token()]
+            prompts.append((i, ids[-(self.max_len - max_new):], tuple(stop), max_new))
+        out: list[str] = [""] * len(prompts)
+        order = sorted(prompts, key=lambda p: -len(p[1]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for (i, _, stop, _), text in zip(batch, self._generate_batch(batch)):
+                out[i] = _cut(text, stop)
+        return out
+
+    def _generate_batch(self, batch, check_every: int = 8) -> list[str]:
+        """Decodes one batch until every row is done; rows are checked for EOS and
+        stop strings every `check_every` tokens (one host sync per check)."""
         tok = self.tokenizer
-        if tok is None:
-            raise ValueError("scoring whole documents needs a tokenizer (its BOS or EOS starts each document)")
+        P = _bucket(max(len(p[1]) for p in batch), self.max_len)
+        N = max(p[3] for p in batch)
+        B = self._rows(len(batch))
+        tokens = np.zeros((B, P), np.int32)
+        lengths = np.zeros(B, np.int32)
+        for b, (_, ids, _, _) in enumerate(batch):
+            tokens[b, : len(ids)], lengths[b] = ids, len(ids)
+        token_B, cache = self._prefill(self.params, tokens, lengths, _round_up(P + N, 16))
+        steps, new = [token_B], np.zeros((B, 0), np.int32)
+        done = np.zeros(len(batch), bool)
+        while True:
+            if len(steps) == check_every or new.shape[1] + len(steps) >= N:
+                new = np.concatenate([new, np.stack(jax.device_get(steps), axis=1)], axis=1)
+                steps = []
+                for b, (_, _, stop, max_new) in enumerate(batch):
+                    row = new[b]
+                    done[b] = done[b] or len(row) >= max_new or tok.eos_id in row or (
+                        bool(stop) and any(s in tok.decode(row.tolist()) for s in stop))
+                if done.all():
+                    break
+            token_B, cache = self._decode(self.params, token_B, cache)
+            steps.append(token_B)
+        texts = []
+        for b, (_, _, _, max_new) in enumerate(batch):
+            row = new[b, :max_new].tolist()
+            texts.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
+        return texts
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("text requests need the model's tokenizer (data.tokenizer, a tokens/ manifest, "
+                             "or tokenizer.json in the folder)")
+        return self.tokenizer
+
+    def _prefix_token(self) -> int:
+        tok = self._tokenizer()
         return tok.bos_id if tok.bos_id is not None else tok.eos_id
+
+    def _rows(self, n: int) -> int:
+        """Rows of a batch holding n requests: the batch size when requests fill
+        several batches (one shape for all), else n rounded up to the multiple."""
+        return self.batch_size if n == self.batch_size else _round_up(n, self.batch_multiple)
 
     def _run(self, rows: list[_Row]):
         """Yields (row, (target log-probs (T,), greedy flags (T,))), in batches of
@@ -112,7 +212,7 @@ class LanguageModel:
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             T = _bucket(len(batch[0].inputs), self.max_len)
-            B = self.batch_size if len(order) > self.batch_size else len(batch)
+            B = self.batch_size if len(order) > self.batch_size else self._rows(len(batch))
             tokens = np.zeros((B, T), np.int32)
             targets = np.zeros((B, T), np.int32)
             segments = np.zeros((B, T), np.int32)
@@ -123,6 +223,16 @@ class LanguageModel:
             for b, row in enumerate(batch):
                 n = len(row.inputs)
                 yield row, (logprob[b, :n], greedy[b, :n])
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest of the stop strings."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _bucket(n: int, max_len: int) -> int:
