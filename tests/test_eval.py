@@ -73,9 +73,10 @@ def test_bits_per_byte_equals_transformers_over_long_documents(exported, tmp_pat
         ids = lm.tokenizer.encode(text)
         prefix = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else lm.tokenizer.eos_id
         shifted = [prefix, *ids]
-        for start in range(0, len(ids), lm.max_len):  # disjoint windows, each after the token before it
-            window = shifted[start : min(start + lm.max_len, len(ids)) + 1]
-            nll -= float(_their_logprobs(hf, window)[0].sum())
+        for start in range(0, len(ids), lm.max_len):  # disjoint windows, each after the token before it;
+            end = min(start + lm.max_len, len(ids))   # a short last one with the full length of context
+            window = shifted[max(0, end - lm.max_len) : end + 1]
+            nll -= float(_their_logprobs(hf, window)[0][-(end - start):].sum())
         nbytes += len(text.encode())
     expected = nll / math.log(2) / nbytes
     print(f"\nbits per byte: maxllm {result['bits_per_byte']:.6f}, transformers {expected:.6f}")
@@ -206,3 +207,79 @@ def test_eval_command_writes_results(exported, tmp_path, capsys):
     bad.write_text(json.dumps(MC[0]) + "\n" + '{"query": "x", "choices": ["a"], "gold": 0}\n')
     assert main(["--model", str(tmp_path / "missing"), "--tasks", str(bad)]) == 2
     assert "bad.jsonl:2: 'choices' must be a list of at least two strings" in capsys.readouterr().err
+
+
+HARNESS_TASKS = {
+    "mc": """
+output_type: multiple_choice
+doc_to_text: "{{query}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{gold}}"
+metric_list: [{metric: acc}, {metric: acc_norm}]
+""",
+    "gen": """
+output_type: generate_until
+doc_to_text: "{{query}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: [".", "\\n\\n"], max_gen_toks: 12, do_sample: false}
+metric_list: [{metric: exact_match}]
+""",
+    "ppl": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+""",
+}
+
+
+def test_harness_hf_and_maxllm_models_agree(exported, tmp_path, monkeypatch):
+    """lm-evaluation-harness's `hf` model and our `maxllm` model on the same three
+    tasks (multiple choice, generation, rolling perplexity) over the same files."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: "
+                                                    "pip install 'maxllm[harness]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    from lm_eval.tasks import TaskManager
+
+    import maxllm.eval.harness  # noqa: F401  (registers the model type)
+
+    files = {
+        "mc": [{k: v for k, v in r.items()} for r in MC],
+        "gen": [{"query": q, "answer": "CREATE TABLE"} for q in
+                ("To create a table in PostgreSQL,", "The function returns", "In Django, a model")],
+        "ppl": [{"text": json.loads(line)["text"][:700]} for line in
+                gzip.open(QUICKSTART / "valid.jsonl.gz", "rt").readlines()[:3]],
+    }
+    for name, records in files.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: maxllm_test_{name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: '{data}'}}}}\n"
+            f"test_split: test\n{HARNESS_TASKS[name]}")
+    tasks = [f"maxllm_test_{name}" for name in files]
+
+    def run(model, args):
+        return lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, batch_size=4, log_samples=True,
+                                       task_manager=TaskManager(include_path=str(tmp_path)))
+
+    theirs = run("hf", f"pretrained={exported},dtype=float32,device=cpu")
+    ours = run("maxllm", f"path={exported}")
+    for task in tasks:
+        mine, ref = ours["results"][task], theirs["results"][task]
+        for metric in ("acc,none", "acc_norm,none", "exact_match,none"):
+            if metric in ref:
+                assert mine[metric] == ref[metric], (task, metric)
+        for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+            if metric in ref:
+                assert mine[metric] == pytest.approx(ref[metric], rel=1e-4), (task, metric)
+        for a, b in zip(ours["samples"][task], theirs["samples"][task]):
+            for x, y in zip(a["resps"], b["resps"]):
+                if isinstance(y[0], str):
+                    assert x[0] == y[0]
+                else:
+                    np.testing.assert_allclose(np.ravel(x[0]), np.ravel(y[0])[: np.size(x[0])], atol=1e-4)
+    assert any(s["resps"][0][0].strip() for s in ours["samples"]["maxllm_test_gen"])  # text to compare
+    print("\nharness hf vs maxllm:", {t: {m: (round(ours["results"][t][m], 6), round(theirs["results"][t][m], 6))
+                                          for m in ours["results"][t] if m.endswith(",none") and "stderr" not in m}
+                                      for t in tasks})

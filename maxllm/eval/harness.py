@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (the built-in model types, which the registry loads only while it is empty)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -11,7 +11,8 @@ context (the context truncated from the left when the pair exceeds the model's
 length); `is_greedy` says whether every continuation token is the argmax; a
 document is scored in disjoint windows of `max_seq_len` predicted tokens, the
 first token predicted from a prefix token (BOS, or EOS for tokenizers without
-one), each window conditioned on the token before it; generation is greedy,
+one), each window conditioned on the token before it, and a short last window
+on as many earlier tokens as fill the model's length; generation is greedy,
 from the context cut from the left to leave room for the new tokens, and ends at
 EOS, at `max_new_tokens`, or before the first stop string.
 """
@@ -133,11 +134,12 @@ class LanguageModel:
             shifted = [prefix, *tokens]
             for start in range(0, len(tokens), self.max_len):
                 end = min(start + self.max_len, len(tokens))
-                rows.append(_Row(len(rows), shifted[start:end], list(tokens[start:end]), end - start))
+                first = max(0, end - self.max_len)  # a short last window reaches back for context
+                rows.append(_Row(len(rows), shifted[first:end], list(tokens[first:end]), end - start))
                 owner.append(d)
         totals = [0.0] * len(documents)
         for row, (logprob_T, _) in self._run(rows):
-            totals[owner[row.index]] += float(np.sum(logprob_T))
+            totals[owner[row.index]] += float(np.sum(logprob_T[-row.scored:]))
         return totals
 
     def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
