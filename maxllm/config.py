@@ -292,6 +292,15 @@ class SampleConfig(Section):
     max_new_tokens: PositiveInt
 
 
+class EvalConfig(Section):
+    every_steps: PositiveInt | None  # None: only after the last step
+    tasks: list[str]  # as `python -m maxllm.eval --tasks` names them
+    num_fewshot: NonNegativeInt
+    limit: PositiveInt | None
+    batch_size: PositiveInt
+    seed: int
+
+
 class Config(Section):
     run: RunConfig
     model: ModelConfig
@@ -300,6 +309,7 @@ class Config(Section):
     train: TrainConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    eval: EvalConfig
     sample: SampleConfig
 
     @model_validator(mode="after")

@@ -221,6 +221,15 @@ def is_sharded(name: str) -> bool:
     return logical_to_spec((name,), rules, mesh)[0] is not None
 
 
+def axis_size(name: str, rules: Rules, mesh: Mesh) -> int:
+    """How many ways the logical dimension `name` is split over `mesh`."""
+    size = 1
+    for entry in logical_to_spec((name,), rules, mesh):
+        for axis in (entry,) if isinstance(entry, str) else entry or ():
+            size *= mesh.shape[axis]
+    return size
+
+
 def batch_sharding(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a (batch, length) input array; errors when the batch does not divide."""
     spec = logical_to_spec(("batch", "length"), rules, mesh, shape, "input batch")

@@ -190,4 +190,7 @@ def _format_line(step: int, m: dict[str, Any]) -> str:
         value = m.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             parts.append(fmt.format(value))
+    for key, value in m.items():  # task metrics: eval/<task>/<metric>
+        if key.count("/") == 2 and key.startswith("eval/") and math.isfinite(value):
+            parts.append(f"{key[5:]} {value:.4f}")
     return " | ".join(parts)

@@ -34,6 +34,7 @@ from maxllm.config import Config, ConfigError, load_config
 from maxllm.hf.adapters import HFError
 from maxllm.mesh import (
     activation_rules,
+    axis_size,
     batch_sharding,
     format_rules,
     make_mesh,
@@ -318,6 +319,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
         spec = train_state_spec(cfg, mesh)
         data = data_lib.TrainInput(cfg, input_sharding)
         step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, input_sharding)
+        evaluator = _evaluator(cfg, spec, mesh, input_sharding, data.tokenizer)  # a bad task fails here
         checkpointer = None
         if cfg.checkpoint.enabled:
             checkpointer = Checkpointer(
@@ -338,12 +340,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
                 data.restore(start, _item_reader(checkpointer, start))
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
             _log_params(cfg, state["params"])
-            final_eval = None
-            if cfg.data.eval_path:
-                eval_input = data_lib.EvalInput(cfg, input_sharding)
-                eval_step = make_eval_step(spec.graphdef, spec.shardings["params"], input_sharding)
-                final_eval = lambda params: evaluate(eval_step, params, eval_input)  # noqa: E731
-            state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start, final_eval)
+            state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start, evaluator)
         finally:
             if checkpointer is not None:
                 checkpointer.close()
@@ -351,6 +348,38 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
         raise Preempted()
     samples = _sample(cfg, spec.graphdef, state["params"], data.tokenizer)
     return RunResult(history, state, spec.graphdef, start, samples)
+
+
+def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, tokenizer) -> Callable | None:
+    """params -> the evaluation metrics: held-out loss and perplexity (data.eval_path)
+    and the `eval.tasks`, as `eval/<task>/<metric>`; None when there is nothing to
+    evaluate. Tasks are read (and checked) now, before the first step."""
+    parts = []
+    if cfg.data.eval_path:
+        eval_input = data_lib.EvalInput(cfg, input_sharding)
+        eval_step = make_eval_step(spec.graphdef, spec.shardings["params"], input_sharding)
+        parts.append(lambda params: evaluate(eval_step, params, eval_input))
+    if cfg.eval.tasks:
+        from maxllm.eval import LanguageModel, evaluate_tasks, load_tasks
+        from maxllm.eval.tasks import METRICS
+
+        if tokenizer is None:
+            raise data_lib.DataError("eval.tasks need the data's tokenizer (data.tokenizer or a tokens/ manifest)")
+        tasks = [task for name in cfg.eval.tasks for task in load_tasks(name, cfg.eval.limit)]
+        lm = LanguageModel(spec.graphdef, None, cfg, tokenizer, cfg.eval.batch_size,
+                           batch_multiple=axis_size("batch", cfg.mesh.rules.activations, mesh))
+
+        def run_tasks(params):
+            lm.params = params
+            start = time.perf_counter()
+            results = evaluate_tasks(lm, tasks, cfg.eval.num_fewshot, cfg.eval.limit, cfg.eval.seed)
+            out = {f"eval/{name}/{m}": float(r[m]) for name, r in results.items() for m in METRICS if m in r}
+            return {**out, "eval/seconds": time.perf_counter() - start}
+
+        parts.append(run_tasks)
+    if not parts:
+        return None
+    return lambda params: {k: v for part in parts for k, v in part(params).items()}
 
 
 def _state_from_weights(cfg: Config, spec: TrainStateSpec, source: str) -> State:
@@ -378,10 +407,11 @@ def _item_reader(checkpointer: Checkpointer, step: int):
     return lambda name, args: checkpointer.read_item(step, name, args)
 
 
-def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tuple[State, dict, bool]:
+def _loop(cfg, state, step_fn, data, checkpointer, start, evaluator=None) -> tuple[State, dict, bool]:
     """Steps from `start` to `train.steps`; returns the state, the metrics by step,
-    and whether a preemption stopped it (after saving). `final_eval(params)`, when
-    given, runs after the last step and its metrics join that step's."""
+    and whether a preemption stopped it (after saving). `evaluator(params)`, when
+    given, runs every `eval.every_steps` and after the last step; its metrics join
+    that step's, which is then logged whatever the logging cadence."""
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=start)
     throughput = _Throughput(cfg, B * T, len(data.sharding.mesh.devices.flat))
@@ -391,7 +421,8 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tu
     def flush():
         step, metrics = pending
         history[step] = _scalars(jax.device_get(metrics))
-        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
+        evaluated = any(key.startswith("eval") for key in history[step])
+        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps or evaluated:
             writer.write(step, {**history[step], **throughput.measure(step)})
 
     with writer, _Preemption() as preemption:
@@ -405,6 +436,9 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tu
             if pending is not None:
                 flush()  # the previous step's metrics, read while this one runs
             pending = (done, metrics)
+            every = cfg.eval.every_steps
+            if evaluator is not None and (done == cfg.train.steps or (every and done % every == 0)):
+                pending = (done, {**metrics, **evaluator(state["params"])})
             stop = preemption.stop_at(done)
             if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps or stop):
                 checkpointer.save(done, state, force=stop, extra=data.save_args())
@@ -415,8 +449,6 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, final_eval=None) -> tu
                             "checkpoint saved" if checkpointer else "checkpointing is off, nothing saved")
                 break
         if pending is not None:
-            if final_eval is not None and not preemption.received and pending[0] == cfg.train.steps:
-                pending = (pending[0], {**pending[1], **final_eval(state["params"])})
             flush()
     return state, history, preemption.received
 

@@ -58,6 +58,25 @@ def test_continuation_loglikelihoods_equal_transformers(exported):
     assert lm.loglikelihood([(context, [first])])[0][1] is True
 
 
+def test_shared_contexts_score_as_separate_sequences(exported):
+    """Choices of one question run their context once (its cache reused); the
+    log-likelihoods and greedy flags equal scoring each pair on its own, also for
+    pairs longer than the model (cut from the left, never shared)."""
+    lm = LanguageModel.load(exported, batch_size=4)
+    tok = lm.tokenizer
+    contexts = [tok.encode(t) for t in ("To create a table in PostgreSQL, use the", "The function returns",
+                                        "In Django, a model " * 8, "x")]
+    continuations = [tok.encode(t) for t in (" CREATE TABLE command.", " a value", " x", " Django model class",
+                                             " SELECT * FROM table WHERE id = 1;")]
+    requests = [(c, k) for c in contexts for k in continuations] + [(contexts[2] * 2, continuations[0])]
+    assert lm.share_contexts
+    shared = lm.loglikelihood(requests)
+    lm.share_contexts = False
+    separate = lm.loglikelihood(requests)
+    np.testing.assert_allclose([s[0] for s in shared], [s[0] for s in separate], atol=1e-4)
+    assert [s[1] for s in shared] == [s[1] for s in separate]
+
+
 def test_bits_per_byte_equals_transformers_over_long_documents(exported, tmp_path):
     docs = [json.loads(line)["text"] for line in gzip.open(QUICKSTART / "valid.jsonl.gz", "rt")][:3]
     path = tmp_path / "docs.jsonl"
@@ -283,3 +302,39 @@ def test_harness_hf_and_maxllm_models_agree(exported, tmp_path, monkeypatch):
     print("\nharness hf vs maxllm:", {t: {m: (round(ours["results"][t][m], 6), round(theirs["results"][t][m], 6))
                                           for m in ours["results"][t] if m.endswith(",none") and "stderr" not in m}
                                       for t in tasks})
+
+
+def test_evaluation_during_training_equals_evaluating_the_checkpoints(tmp_path):
+    """eval.every_steps on 8 devices (fsdp): the tasks' metrics in metrics.jsonl
+    equal those of `python -m maxllm.eval`'s code path on the saved checkpoints."""
+    from maxllm.eval import evaluate
+    from maxllm.hf import load_params
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text(gzip.open(QUICKSTART / "valid.jsonl.gz", "rt").readline()[:2000])
+    tasks = ["docs_mc", "docs_qa", str(docs)]
+    run = tmp_path / "run"
+    train_on_quickstart(run, "train.steps=6", "train.lr=3e-3", "model.max_seq_len=64", "checkpoint.every_steps=3",
+                        "checkpoint.max_to_keep=null", "logging.every_steps=5", "eval.every_steps=3",
+                        f"eval.tasks={json.dumps(tasks)}", "eval.limit=6", "eval.num_fewshot=1", "eval.batch_size=4",
+                        f"data.eval_path={QUICKSTART / 'tokens' / 'valid'}")
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [3, 5, 6]  # logged every 5 steps, and at each evaluation
+    assert "eval/docs_mc/acc" not in rows[5]
+    lm = LanguageModel.load(run, batch_size=3)
+    for step in (3, 6):
+        lm.params = load_params(run / "checkpoints" / str(step), lm.config.model)
+        expected = evaluate(lm, tasks, num_fewshot=1, limit=6)
+        row = rows[step]
+        assert row["eval/docs_mc/acc"] == expected["docs_mc"]["acc"]
+        assert row["eval/docs_mc/acc_norm"] == expected["docs_mc"]["acc_norm"]
+        assert row["eval/docs_qa/exact_match"] == expected["docs_qa"]["exact_match"]
+        assert row["eval/docs/bits_per_byte"] == pytest.approx(expected["docs"]["bits_per_byte"], rel=1e-5)
+        assert row["eval_loss"] > 0 and row["eval_perplexity"] == pytest.approx(math.exp(row["eval_loss"]))
+    assert rows[6]["eval/docs/bits_per_byte"] < rows[3]["eval/docs/bits_per_byte"]  # it learns
+
+
+def test_a_bad_eval_task_stops_training_before_the_first_step(tmp_path):
+    with pytest.raises(EvalDataError, match="not a sample task"):
+        train_on_quickstart(tmp_path / "run", "eval.tasks=[no_such_task]")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from maxllm.cli import log_to_stderr
 
-_METRICS = ("acc", "acc_norm", "exact_match", "perplexity", "bits_per_byte")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maxllm.eval", description=__doc__.split("\n\n")[0],
@@ -70,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(results: dict[str, dict]) -> str:
     """A Markdown table: one row per task and metric, with its standard error."""
+    from maxllm.eval.tasks import METRICS
+
     lines = ["| task | n | metric | value | stderr |", "| --- | ---: | --- | ---: | ---: |"]
     for task, out in results.items():
-        for metric in _METRICS:
+        for metric in METRICS:
             if metric in out:
                 stderr = out.get(f"{metric}_stderr")
                 lines.append(f"| {task} | {out.get('n', out.get('documents', ''))} | {metric} | {out[metric]:.4f} | "

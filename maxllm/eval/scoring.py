@@ -74,7 +74,39 @@ class LanguageModel:
             logits_B1V, cache, _ = model(token_B[:, None], position_B1, jnp.ones_like(position_B1), cache)
             return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
 
+        def context_prefill(params, tokens_BP, lengths_B, cache_len):
+            """Contexts into a cache; the log-probs of the token after each."""
+            model = nnx.merge(graphdef, params)
+            B, P = tokens_BP.shape
+            positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+            segments_BP = (positions_BP < lengths_B[:, None]).astype(jnp.int32)
+            cache = model.init_cache(B, cache_len)
+            logits_B1V, cache, _ = model(tokens_BP, positions_BP, segments_BP, cache,
+                                         logit_index_B=jnp.maximum(lengths_B - 1, 0))
+            return jax.nn.log_softmax(logits_B1V[:, 0].astype(jnp.float32), axis=-1), cache
+
+        def continuations(params, cache, owner_R, tokens_RT, targets_RT, lengths_R):
+            """Each row continues its context's cached row (`owner_R`)."""
+            model = nnx.merge(graphdef, params)
+            axes = model.CACHE_BATCH_AXES
+            cache = {k: jax.tree.map(lambda x, a=axes[k]: jnp.take(x, owner_R, axis=a), v) for k, v in cache.items()}
+            R, T = tokens_RT.shape
+            steps_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+            positions_RT = cache["index"][:, None] + steps_RT
+            segments_RT = (steps_RT < lengths_R[:, None]).astype(jnp.int32)
+            logits_RTV, _, _ = model(tokens_RT, positions_RT, segments_RT, cache)
+            logprobs_RTV = jax.nn.log_softmax(logits_RTV.astype(jnp.float32), axis=-1)
+            target_RT = jnp.take_along_axis(logprobs_RTV, targets_RT[..., None], axis=-1)[..., 0]
+            return target_RT, jnp.argmax(logits_RTV, axis=-1) == targets_RT
+
         self._score = jax.jit(score)
+        self._context_prefill = jax.jit(context_prefill, static_argnums=3)
+        self._continuations = jax.jit(continuations)
+        # A context shared by several continuations (the choices of a question) is
+        # run once and its cache reused, for families whose cache can be continued.
+        from maxllm.models import FAMILIES
+
+        self.share_contexts = "k" in FAMILIES[config.model.family].CACHE_BATCH_AXES
         self._prefill = jax.jit(prefill, static_argnums=3)
         self._decode = jax.jit(decode, donate_argnums=2)
 
@@ -112,16 +144,50 @@ class LanguageModel:
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """log P(continuation | context) and whether greedy decoding gives it."""
-        rows = []
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        rows, groups = [], {}
         for i, (context, continuation) in enumerate(requests):
             if not continuation:
                 raise ValueError(f"request {i}: empty continuation")
+            if self.share_contexts and context and len(context) + len(continuation) <= self.max_len + 1:
+                groups.setdefault(tuple(context), []).append((i, list(continuation)))
+                continue
             whole = [*context, *continuation][-(self.max_len + 1):]
             rows.append(_Row(i, whole[:-1], whole[1:], len(continuation)))
-        out: list[tuple[float, bool] | None] = [None] * len(rows)
         for row, (logprob_T, greedy_T) in self._run(rows):
             out[row.index] = (float(np.sum(logprob_T[-row.scored:])), bool(np.all(greedy_T[-row.scored:])))
+        self._run_shared(groups, out)
         return out  # type: ignore[return-value]
+
+    def _run_shared(self, groups: dict[tuple[int, ...], list[tuple[int, list[int]]]], out: list) -> None:
+        """Scores continuations sharing a context: the contexts in batches of
+        similar length (one forward each, into a cache), then every continuation
+        of the batch at once from its context's cached row."""
+        contexts = sorted(groups, key=len, reverse=True)
+        for start in range(0, len(contexts), self.batch_size):
+            batch = contexts[start : start + self.batch_size]
+            P = _bucket(len(batch[0]), self.max_len)
+            members = [(c, i, cont) for c, ctx in enumerate(batch) for i, cont in groups[ctx]]
+            T = _bucket(max(len(cont) - 1 for _, _, cont in members), self.max_len)
+            B = self.batch_size if len(contexts) > self.batch_size else self._rows(len(batch))
+            tokens, lengths = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
+            for b, ctx in enumerate(batch):
+                tokens[b, : len(ctx)], lengths[b] = ctx, len(ctx)
+            first_BV, cache = self._context_prefill(self.params, tokens, lengths, P + T)
+            R = _round_up(max(len(members), 1), max(self.batch_multiple, 8))
+            owner, lens = np.zeros(R, np.int32), np.zeros(R, np.int32)
+            inputs, targets = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+            for r, (c, _, cont) in enumerate(members):
+                n = len(cont) - 1
+                owner[r], lens[r] = c, n
+                inputs[r, :n], targets[r, :n] = cont[:-1], cont[1:]
+            rest_RT, greedy_RT = self._continuations(self.params, cache, owner, inputs, targets, lens)
+            first_BV, rest_RT, greedy_RT = jax.device_get((first_BV, rest_RT, greedy_RT))
+            for r, (c, i, cont) in enumerate(members):
+                n = len(cont) - 1
+                logprob = float(first_BV[c, cont[0]]) + float(np.sum(rest_RT[r, :n]))
+                greedy = bool(np.argmax(first_BV[c]) == cont[0]) and bool(np.all(greedy_RT[r, :n]))
+                out[i] = (logprob, greedy)
 
     def loglikelihood_rolling(self, tokens: Sequence[int]) -> float:
         """log P(document): every token scored, in disjoint windows of max_len."""

@@ -37,6 +37,7 @@ from maxllm.eval.perplexity import EvalDataError, perplexity
 from maxllm.eval.scoring import LanguageModel
 
 SAMPLE_TASKS = Path(__file__).parent / "sample_tasks"
+METRICS = ("acc", "acc_norm", "exact_match", "perplexity", "bits_per_byte")  # what a task reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,18 +265,24 @@ def run_task(lm: LanguageModel, task: Task, num_fewshot: int = 0, seed: int = 12
 
 def evaluate(lm: LanguageModel, specs: list[str], num_fewshot: int = 0, limit: int | None = None,
              seed: int = 1234, details: bool = False) -> dict[str, dict]:
-    """{task name: metrics} for every task the specs name; a group (MMLU) also
-    gets its example-weighted average under the group's name."""
+    """{task name: metrics} for every task the specs name (see `evaluate_tasks`)."""
+    tasks = [task for spec in specs for task in load_tasks(spec, limit)]
+    return evaluate_tasks(lm, tasks, num_fewshot, limit, seed, details)
+
+
+def evaluate_tasks(lm: LanguageModel, tasks: list[Task], num_fewshot: int = 0, limit: int | None = None,
+                   seed: int = 1234, details: bool = False) -> dict[str, dict]:
+    """{task name: metrics}; a group (MMLU's subjects) also gets its
+    example-weighted average under the group's name, as the harness reports it."""
     results: dict[str, dict] = {}
     groups: dict[str, list[dict]] = {}
-    for spec in specs:
-        for task in load_tasks(spec, limit):
-            out = run_task(lm, task, num_fewshot, seed, limit)
-            if not details:
-                out = {k: v for k, v in out.items() if k not in ("loglikelihoods", "outputs")}
-            results[task.name] = out
-            if task.group:
-                groups.setdefault(task.group, []).append(out)
+    for task in tasks:
+        out = run_task(lm, task, num_fewshot, seed, limit)
+        if not details:
+            out = {k: v for k, v in out.items() if k not in ("loglikelihoods", "outputs")}
+        results[task.name] = out
+        if task.group:
+            groups.setdefault(task.group, []).append(out)
     for group, outs in groups.items():
         n = sum(o["n"] for o in outs)
         agg = {"n": n, "seconds": sum(o["seconds"] for o in outs)}
