@@ -174,20 +174,28 @@ class LanguageModel:
             for b, ctx in enumerate(batch):
                 tokens[b, : len(ctx)], lengths[b] = ctx, len(ctx)
             first_BV, cache = self._context_prefill(self.params, tokens, lengths, P + T)
-            R = _round_up(max(len(members), 1), max(self.batch_multiple, 8))
-            owner, lens = np.zeros(R, np.int32), np.zeros(R, np.int32)
-            inputs, targets = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
-            for r, (c, _, cont) in enumerate(members):
-                n = len(cont) - 1
-                owner[r], lens[r] = c, n
-                inputs[r, :n], targets[r, :n] = cont[:-1], cont[1:]
-            rest_RT, greedy_RT = self._continuations(self.params, cache, owner, inputs, targets, lens)
-            first_BV, rest_RT, greedy_RT = jax.device_get((first_BV, rest_RT, greedy_RT))
-            for r, (c, i, cont) in enumerate(members):
-                n = len(cont) - 1
-                logprob = float(first_BV[c, cont[0]]) + float(np.sum(rest_RT[r, :n]))
-                greedy = bool(np.argmax(first_BV[c]) == cont[0]) and bool(np.all(greedy_RT[r, :n]))
-                out[i] = (logprob, greedy)
+            # The continuations in chunks of similar length, each padded to its own bucket.
+            members.sort(key=lambda m: len(m[2]))
+            chunks = []
+            for lo in range(0, len(members), self.batch_size):
+                chunk = members[lo : lo + self.batch_size]
+                Tc = _bucket(max(len(cont) - 1 for _, _, cont in chunk), self.max_len)
+                R = _round_up(len(chunk), self.batch_multiple)
+                owner, lens = np.zeros(R, np.int32), np.zeros(R, np.int32)
+                inputs, targets = np.zeros((R, Tc), np.int32), np.zeros((R, Tc), np.int32)
+                for r, (c, _, cont) in enumerate(chunk):
+                    n = len(cont) - 1
+                    owner[r], lens[r] = c, n
+                    inputs[r, :n], targets[r, :n] = cont[:-1], cont[1:]
+                chunks.append((chunk, self._continuations(self.params, cache, owner, inputs, targets, lens)))
+            first_BV = jax.device_get(first_BV)
+            for chunk, scored in chunks:
+                rest_RT, greedy_RT = jax.device_get(scored)
+                for r, (c, i, cont) in enumerate(chunk):
+                    n = len(cont) - 1
+                    logprob = float(first_BV[c, cont[0]]) + float(np.sum(rest_RT[r, :n]))
+                    greedy = bool(np.argmax(first_BV[c]) == cont[0]) and bool(np.all(greedy_RT[r, :n]))
+                    out[i] = (logprob, greedy)
 
     def loglikelihood_rolling(self, tokens: Sequence[int]) -> float:
         """log P(document): every token scored, in disjoint windows of max_len."""
@@ -275,7 +283,7 @@ class LanguageModel:
 
     def _run(self, rows: list[_Row]):
         """Yields (row, (target log-probs (T,), greedy flags (T,))), in batches of
-        similar length (longest first), each padded to a power-of-two bucket."""
+        similar length (longest first), each padded to its length bucket."""
         order = sorted(rows, key=lambda r: -len(r.inputs))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
@@ -304,8 +312,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _bucket(n: int, max_len: int) -> int:
-    """The padded length for n tokens: a power of two (at least 16), at most max_len."""
-    size = 16
-    while size < n:
-        size *= 2
-    return min(size, max_len) if n <= max_len else n
+    """The padded length for n tokens: a multiple of 16 up to 256, then of 128,
+    at most max_len (n past max_len stays n). Few shapes to compile, little padding."""
+    if n > max_len:
+        return n
+    size = _round_up(max(n, 1), 16 if n <= 256 else 128)
+    return min(size, max_len)
