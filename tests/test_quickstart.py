@@ -30,3 +30,5 @@ def test_quickstart_learns_and_samples(tmp_path):
     final = result.history[40]
     assert final["eval_tokens"] == 55_451 - 54  # every valid document's targets, once
     assert abs(final["eval_loss"] - last) < 1.0 and final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
+    # The sample tasks the config evaluates, logged with it.
+    assert 0 <= final["eval/docs_mc/acc"] <= 1 and 0 <= final["eval/docs_qa/exact_match"] <= 1
