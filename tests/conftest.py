@@ -163,6 +163,18 @@ def exported_vs_transformers(run: Path, out: Path, prompt: list[int], new_tokens
     return hf, info, diff, mine, gen[0, len(prompt):].tolist()
 
 
+def check_export(run: Path, out: Path, prompt: list[int], hf_class: str, label: str) -> None:
+    """The export of `run` loads in transformers as `hf_class` with every tensor
+    used, its logits within 1e-4 of ours, and the same (non-trivial) greedy text."""
+    hf, info, diff, mine, theirs = exported_vs_transformers(run, out, prompt)
+    assert type(hf).__name__ == hf_class
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    print(f"\n{label} exported: max |logit difference| vs transformers {diff:.2e}")
+    assert diff <= 1e-4, diff
+    assert theirs == mine
+    assert len(set(mine)) > 3, mine
+
+
 def quickstart_prompts(*texts: str) -> list[list[int]]:
     """`texts` encoded with the quickstart tokenizer."""
     import sentencepiece as spm

@@ -11,7 +11,7 @@ from maxllm.models import build_model
 from maxllm.models.mamba import selective_scan
 from maxllm.train import train
 
-from conftest import ROOT, exported_vs_transformers, model_logits, quickstart_prompts
+from conftest import ROOT, check_export, model_logits, quickstart_prompts
 
 TINY_MAMBA = ROOT / "tests" / "configs" / "tiny-mamba.yml"
 
@@ -181,13 +181,7 @@ def _prompts():
 
 def test_trained_mamba_exports_loads_in_transformers_and_generates_the_same(trained_mamba, tmp_path):
     pytest.importorskip("torch")
-    hf, info, diff, mine, theirs = exported_vs_transformers(trained_mamba, tmp_path / "hf", _prompts()[0])
-    assert type(hf).__name__ == "MambaForCausalLM"
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    print(f"\ntrained tiny Mamba exported: max |logit difference| vs transformers {diff:.2e}")
-    assert diff <= 1e-4, diff
-    assert theirs == mine
-    assert len(set(mine)) > 3, mine
+    check_export(trained_mamba, tmp_path / "hf", _prompts()[0], "MambaForCausalLM", "trained tiny Mamba")
 
 
 def test_the_serving_engine_decodes_mamba_like_offline_greedy(trained_mamba):

@@ -11,7 +11,7 @@ from maxllm.metrics import flops_per_token, matmul_params, param_count
 from maxllm.models import moe
 from maxllm.train import train
 
-from conftest import ROOT, exported_vs_transformers, model_logits, quickstart_prompts
+from conftest import ROOT, check_export, model_logits, quickstart_prompts
 
 TINY_MOE = ROOT / "tests" / "configs" / "tiny-moe.yml"
 
@@ -262,13 +262,7 @@ def test_trained_moe_exports_and_transformers_generates_the_same(trained_moe, tm
     pytest.importorskip("torch")
     run, _ = trained_moe
     prompt = quickstart_prompts("To create a table in PostgreSQL, use")[0]
-    hf, info, diff, mine, theirs = exported_vs_transformers(run, tmp_path / "hf", prompt)
-    assert type(hf).__name__ == "MixtralForCausalLM"
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    print(f"\ntrained tiny MoE exported: max |logit difference| vs transformers {diff:.2e}")
-    assert diff <= 1e-4, diff
-    assert theirs == mine
-    assert len(set(mine)) > 3, mine
+    check_export(run, tmp_path / "hf", prompt, "MixtralForCausalLM", "trained tiny MoE")
 
 
 def test_the_serving_engine_decodes_the_moe_like_offline_greedy(trained_moe):

@@ -49,14 +49,14 @@ class MaxLLMHarnessModel(LM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        tok = self.model._tokenizer()
+        tok = self.model.require_tokenizer()
         results = self.model.loglikelihood_rolling_many([tok.encode(r.args[0]) for r in requests])
         for r, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, result)
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        tok = self.model._tokenizer()
+        tok = self.model.require_tokenizer()
         eos = tok.decode([tok.eos_id])
         batch = []
         for r in requests:
@@ -74,7 +74,7 @@ class MaxLLMHarnessModel(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(self.model._tokenizer().path)
+        return str(self.model.require_tokenizer().path)
 
 
 def main() -> None:

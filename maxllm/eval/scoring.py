@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxllm.models import FAMILIES, build_model
+
 
 @dataclasses.dataclass
 class _Row:
@@ -38,7 +40,7 @@ class _Row:
 
 
 class LanguageModel:
-    """A model held for scoring (no gradients, no cache)."""
+    """A model held for scoring and greedy generation (no gradients)."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: Any, config: Any, tokenizer: Any = None, batch_size: int = 16,
                  batch_multiple: int = 1):
@@ -49,33 +51,21 @@ class LanguageModel:
         self.batch_multiple = batch_multiple
         self.batch_size = _round_up(batch_size, batch_multiple)
 
+        def targets(logits_BTV, targets_BT):
+            """Log-probs of the targets, and whether each is the argmax."""
+            logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+            target_BT = jnp.take_along_axis(logprobs_BTV, targets_BT[..., None], axis=-1)[..., 0]
+            return target_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
         def score(params, tokens_BT, targets_BT, segments_BT):
             model = nnx.merge(graphdef, params)
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
             logits_BTV, _, _ = model(tokens_BT, positions_BT, segments_BT)
-            logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-            target_BT = jnp.take_along_axis(logprobs_BTV, targets_BT[..., None], axis=-1)[..., 0]
-            greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-            return target_BT, greedy_BT
+            return targets(logits_BTV, targets_BT)
 
         def prefill(params, tokens_BP, lengths_B, cache_len):
-            model = nnx.merge(graphdef, params)
-            B, P = tokens_BP.shape
-            positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-            segments_BP = (positions_BP < lengths_B[:, None]).astype(jnp.int32)
-            cache = model.init_cache(B, cache_len)
-            logits_B1V, cache, _ = model(tokens_BP, positions_BP, segments_BP, cache,
-                                         logit_index_B=jnp.maximum(lengths_B - 1, 0))
-            return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
-
-        def decode(params, token_B, cache):
-            model = nnx.merge(graphdef, params)
-            position_B1 = cache["index"][:, None]
-            logits_B1V, cache, _ = model(token_B[:, None], position_B1, jnp.ones_like(position_B1), cache)
-            return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
-
-        def context_prefill(params, tokens_BP, lengths_B, cache_len):
-            """Contexts into a cache; the log-probs of the token after each."""
+            """Right-padded prompts into a new cache; the log-probs of the token
+            after each prompt (B, V)."""
             model = nnx.merge(graphdef, params)
             B, P = tokens_BP.shape
             positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -84,6 +74,12 @@ class LanguageModel:
             logits_B1V, cache, _ = model(tokens_BP, positions_BP, segments_BP, cache,
                                          logit_index_B=jnp.maximum(lengths_B - 1, 0))
             return jax.nn.log_softmax(logits_B1V[:, 0].astype(jnp.float32), axis=-1), cache
+
+        def decode(params, token_B, cache):
+            model = nnx.merge(graphdef, params)
+            position_B1 = cache["index"][:, None]
+            logits_B1V, cache, _ = model(token_B[:, None], position_B1, jnp.ones_like(position_B1), cache)
+            return jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32), cache
 
         def continuations(params, cache, owner_R, tokens_RT, targets_RT, lengths_R):
             """Each row continues its context's cached row (`owner_R`)."""
@@ -95,20 +91,15 @@ class LanguageModel:
             positions_RT = cache["index"][:, None] + steps_RT
             segments_RT = (steps_RT < lengths_R[:, None]).astype(jnp.int32)
             logits_RTV, _, _ = model(tokens_RT, positions_RT, segments_RT, cache)
-            logprobs_RTV = jax.nn.log_softmax(logits_RTV.astype(jnp.float32), axis=-1)
-            target_RT = jnp.take_along_axis(logprobs_RTV, targets_RT[..., None], axis=-1)[..., 0]
-            return target_RT, jnp.argmax(logits_RTV, axis=-1) == targets_RT
+            return targets(logits_RTV, targets_RT)
 
         self._score = jax.jit(score)
-        self._context_prefill = jax.jit(context_prefill, static_argnums=3)
+        self._prefill = jax.jit(prefill, static_argnums=3)
         self._continuations = jax.jit(continuations)
+        self._decode = jax.jit(decode, donate_argnums=2)
         # A context shared by several continuations (the choices of a question) is
         # run once and its cache reused, for families whose cache can be continued.
-        from maxllm.models import FAMILIES
-
         self.share_contexts = "k" in FAMILIES[config.model.family].CACHE_BATCH_AXES
-        self._prefill = jax.jit(prefill, static_argnums=3)
-        self._decode = jax.jit(decode, donate_argnums=2)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32", batch_size: int = 16,
@@ -116,7 +107,6 @@ class LanguageModel:
         """A run directory (newest checkpoint) or a Hugging Face folder."""
         from maxllm.data import open_tokenizer
         from maxllm.hf import load_pretrained
-        from maxllm.models import build_model
 
         loaded = load_pretrained(path, [f"model.dtype={dtype}", "model.remat=none", *overrides])
         cfg = loaded.config
@@ -132,7 +122,7 @@ class LanguageModel:
         continuation is what encoding the whole adds past the context's tokens;
         an empty context is the prefix token (BOS, else EOS), unless the
         continuation starts with that token."""
-        tok = self._tokenizer()
+        tok = self.require_tokenizer()
         stripped = context.rstrip()
         if not stripped:
             ids = tok.encode(context + continuation)
@@ -173,7 +163,7 @@ class LanguageModel:
             tokens, lengths = np.zeros((B, P), np.int32), np.zeros(B, np.int32)
             for b, ctx in enumerate(batch):
                 tokens[b, : len(ctx)], lengths[b] = ctx, len(ctx)
-            first_BV, cache = self._context_prefill(self.params, tokens, lengths, P + T)
+            first_BV, cache = self._prefill(self.params, tokens, lengths, P + T)
             # The continuations in chunks of similar length, each padded to its own bucket.
             members.sort(key=lambda m: len(m[2]))
             chunks = []
@@ -219,7 +209,7 @@ class LanguageModel:
     def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
         """Greedy continuations of text contexts: each ends at EOS, after
         `max_new_tokens`, or just before the first of its stop strings (cut there)."""
-        tok = self._tokenizer()
+        tok = self.require_tokenizer()
         prompts = []
         for i, (context, stop, max_new) in enumerate(requests):
             if not 0 < max_new < self.max_len:
@@ -245,7 +235,8 @@ class LanguageModel:
         lengths = np.zeros(B, np.int32)
         for b, (_, ids, _, _) in enumerate(batch):
             tokens[b, : len(ids)], lengths[b] = ids, len(ids)
-        token_B, cache = self._prefill(self.params, tokens, lengths, _round_up(P + N, 16))
+        logprobs_BV, cache = self._prefill(self.params, tokens, lengths, _round_up(P + N, 16))
+        token_B = jnp.argmax(logprobs_BV, axis=-1).astype(jnp.int32)
         steps, new = [token_B], np.zeros((B, 0), np.int32)
         done = np.zeros(len(batch), bool)
         while True:
@@ -266,14 +257,14 @@ class LanguageModel:
             texts.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
         return texts
 
-    def _tokenizer(self):
+    def require_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError("text requests need the model's tokenizer (data.tokenizer, a tokens/ manifest, "
                              "or tokenizer.json in the folder)")
         return self.tokenizer
 
     def _prefix_token(self) -> int:
-        tok = self._tokenizer()
+        tok = self.require_tokenizer()
         return tok.bos_id if tok.bos_id is not None else tok.eos_id
 
     def _rows(self, n: int) -> int:
