@@ -238,14 +238,13 @@ class DataConfig(Section):
             raise ValueError(f"source={self.source} needs data.path")
         if self.source == "mixture" and len(self.mixture) < 1:
             raise ValueError("source=mixture needs data.mixture: a list of {path, weight}")
-        if self.source == "text" and not self.tokenizer:
-            raise ValueError("source=text needs data.tokenizer (a sentencepiece .model or tokenizer.json)")
         if self.source == "seqio" and not self.seqio.task:
             raise ValueError("source=seqio needs data.seqio.task")
         return self
 
 
 class TrainConfig(Section):
+    objective: Literal["pretrain", "sft", "dpo"]
     steps: PositiveInt
     seed: int
     init_from: str | None  # a run directory, a checkpoint directory or a Hugging Face folder
@@ -270,6 +269,29 @@ class TrainConfig(Section):
                 f"global_batch_size={self.global_batch_size} is not divisible by "
                 f"grad_accum_steps={self.grad_accum_steps}"
             )
+        return self
+
+
+class PosttrainConfig(Section):
+    """Records and templates of the fine-tuning objectives (docs/finetuning.md)."""
+
+    chat_template: str | None  # null: init_from's or the tokenizer's; chatml | llama3 | zephyr | a .jinja file
+    packing: bool  # sft: several examples per row, never attending to each other
+    skip_bad_records: bool  # leave out (and count) records that cannot be used, instead of stopping
+
+
+class DPOConfig(Section):
+    beta: float
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"]
+    label_smoothing: float  # sigmoid (conservative DPO) and robust: the assumed fraction of flipped labels
+    precompute_ref: bool  # reference log-probs computed once before training, instead of a frozen model
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOConfig":
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         return self
 
 
@@ -311,6 +333,8 @@ class Config(Section):
     logging: LoggingConfig
     eval: EvalConfig
     sample: SampleConfig
+    posttrain: PosttrainConfig
+    dpo: DPOConfig
 
     @model_validator(mode="after")
     def _lengths(self) -> "Config":
@@ -318,6 +342,18 @@ class Config(Section):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_data(self) -> "Config":
+        fine_tuning = self.train.objective != "pretrain"
+        if fine_tuning and self.data.source != "text":
+            raise ValueError(
+                f"train.objective={self.train.objective} reads JSONL records: set data.source=text "
+                f"and data.path (got data.source={self.data.source})"
+            )
+        if self.data.source == "text" and not self.data.tokenizer and not (fine_tuning and self.train.init_from):
+            raise ValueError("source=text needs data.tokenizer (a sentencepiece .model or tokenizer.json)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

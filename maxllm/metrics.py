@@ -181,7 +181,11 @@ def _format_line(step: int, m: dict[str, Any]) -> str:
         ("tokens_per_sec_per_device", "tok/s/dev {:,.0f}"),
         ("mfu", "mfu {:.1%}"),
         ("tflops_per_sec_per_device", "TFLOP/s/dev {:.3f}"),
+        ("rewards/accuracies", "reward acc {:.2f}"),  # DPO
+        ("rewards/margins", "margin {:.3f}"),
         ("eval_loss", "eval_loss {:.4f}"),
+        ("eval_rewards/accuracies", "eval reward acc {:.2f}"),
+        ("eval_rewards/margins", "eval margin {:.3f}"),
         ("eval_perplexity", "eval_ppl {:.2f}"),
         ("moe_load_balance_loss", "moe_lb {:.3f}"),
         ("moe_load_max_min", "load max/min {:.2f}"),

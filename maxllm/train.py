@@ -92,18 +92,31 @@ def train_state_spec(cfg: Config, mesh: Mesh) -> TrainStateSpec:
     p_shardings = param_shardings(abstract_params, cfg.mesh.rules.params, mesh)
 
     def init() -> State:
-        params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, cfg.train.seed)))
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
-        }
+        return fresh_state(cfg, tx, nnx.to_pure_dict(nnx.state(build_model(cfg.model, cfg.train.seed))))
 
     shapes = jax.eval_shape(init)
     shardings = _state_shardings(shapes, p_shardings, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     return TrainStateSpec(graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings), tx)
+
+
+def fresh_state(cfg: Config, tx: optax.GradientTransformation, params: dict) -> State:
+    """Step 0 from `params`. DPO with a frozen reference keeps a copy of the
+    starting parameters as `ref_params` (checkpointed with the rest, so a resumed
+    run scores pairs against the same reference)."""
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+    }
+    if uses_frozen_reference(cfg):
+        state["ref_params"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def uses_frozen_reference(cfg: Config) -> bool:
+    return cfg.train.objective == "dpo" and not cfg.dpo.precompute_ref
 
 
 def _state_shardings(abstract_state: State, p_shardings: dict, mesh: Mesh) -> State:
@@ -149,58 +162,75 @@ def token_loss_sums(
     return total, nll, jnp.sum(mask_BT)
 
 
+def pretrain_objective(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
+    """Next-token cross-entropy over the tokens where loss_mask is 1 (plus z-loss
+    and the model's aux losses): (params, batch, _) -> (summed objective,
+    (token count, {"loss": summed cross-entropy}, aux metrics))."""
+    z_coef = cfg.train.z_loss
+
+    def objective(params, batch, _frozen):
+        model = nnx.merge(graphdef, params)
+        logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=True)
+        total, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_coef)
+        total += sum(aux.get("loss", {}).values(), jnp.zeros(())) * count  # aux losses are per-token means
+        return total, (count, {"loss": nll}, aux.get("metrics", {}))
+
+    return objective
+
+
+def training_objective(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
+    if cfg.train.objective == "dpo":
+        from maxllm.posttrain.dpo import dpo_objective
+
+        return dpo_objective(cfg.dpo, graphdef)
+    return pretrain_objective(cfg, graphdef)  # sft: the same loss, masked to the learned tokens
+
+
 def make_train_step(
     cfg: Config,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     state_shardings: State,
-    input_sharding: NamedSharding,
+    batch_shardings: dict[str, NamedSharding],
 ) -> Callable[[State, dict], tuple[State, dict]]:
+    """The jitted step. The objective returns sums over its units (tokens, or
+    DPO's pairs) and their count, so microbatches add up to exactly the full
+    batch; gradients and summed metrics are divided by the count at the end."""
     schedule = learning_rate_schedule(cfg.train)
     accum = cfg.train.grad_accum_steps
-    z_coef = cfg.train.z_loss
+    grad_fn = jax.value_and_grad(training_objective(cfg, graphdef), has_aux=True)
 
-    def loss_sums(params, batch):
-        model = nnx.merge(graphdef, params)
-        logits_BTV, _, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=True)
-        total, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_coef)
-        total += sum(aux.get("loss", {}).values(), jnp.zeros(())) * count  # aux losses are per-token means
-        return total, (nll, count, aux.get("metrics", {}))
-
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-
-    def grads_and_sums(params, batch):
-        """Gradients and cross-entropy summed over the batch, its token count, and
-        the model's aux metrics (averaged over microbatches)."""
+    def grads_and_sums(params, batch, frozen):
+        """Gradients and metrics summed over the batch, the count they are sums
+        over, and the model's aux metrics (averaged over microbatches)."""
         if accum == 1:
-            (_, (nll, count, aux)), grads = grad_fn(params, batch)
-            return grads, nll, count, aux
+            (_, (count, sums, aux)), grads = grad_fn(params, batch, frozen)
+            return grads, count, sums, aux
 
-        def split(x_BT):
+        def split(x, sharding):
             # Microbatch a takes rows a, a+accum, ...: each device keeps an equal share.
-            x = x_BT.reshape(x_BT.shape[0] // accum, accum, *x_BT.shape[1:]).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(
-                x, NamedSharding(input_sharding.mesh, PartitionSpec(None, *input_sharding.spec))
-            )
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
 
         def body(carry, micro):
-            grads, nll, count = carry
-            (_, (n, c, aux)), g = grad_fn(params, micro)
-            return (jax.tree.map(jnp.add, grads, g), nll + n, count + c), aux
+            grads, count, sums = carry
+            (_, (c, s, aux)), g = grad_fn(params, micro, frozen)
+            return (jax.tree.map(jnp.add, grads, g), count + c, jax.tree.map(jnp.add, sums, s)), aux
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()))
-        (grads, nll, count), aux = jax.lax.scan(body, init, jax.tree.map(split, batch))
-        return grads, nll, count, jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+        _, (_, sum_shapes, _) = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[: x.shape[0] // accum], batch), frozen)[0]
+        init = (zeros, jnp.zeros(()), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sum_shapes))
+        (grads, count, sums), aux = jax.lax.scan(body, init, jax.tree.map(split, batch, dict(batch_shardings)))
+        return grads, count, sums, jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
     def step(state: State, batch: dict) -> tuple[State, dict]:
-        grads, nll, count, aux = grads_and_sums(state["params"], batch)
+        grads, count, sums, aux = grads_and_sums(state["params"], batch, state.get("ref_params"))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
-            "loss": nll / count,
+            **{k: v / count for k, v in sums.items()},
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             **aux,
@@ -208,7 +238,6 @@ def make_train_step(
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
 
-    batch_shardings = {k: input_sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),
@@ -305,6 +334,12 @@ class _Throughput:
 def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
     """Runs (or resumes) the training described by `cfg`."""
     mesh = make_mesh(cfg.mesh, devices)
+    if cfg.train.objective != "pretrain" and not cfg.data.tokenizer:
+        from maxllm.posttrain.train import run_tokenizer
+
+        # Recorded in the run's config.yml, for export, evaluation and serving.
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"tokenizer": str(Path(run_tokenizer(cfg).path).resolve())})})
     out_dir = cfg.run.output_dir
     if jax.process_index() == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -317,9 +352,9 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
 
     with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
         spec = train_state_spec(cfg, mesh)
-        data = data_lib.TrainInput(cfg, input_sharding)
-        step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, input_sharding)
-        evaluator = _evaluator(cfg, spec, mesh, input_sharding, data.tokenizer)  # a bad task fails here
+        data = _train_input(cfg, input_sharding)
+        step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, _batch_shardings(data))
+        evaluator = _evaluator(cfg, spec, mesh, input_sharding, data)  # a bad task fails here
         checkpointer = None
         if cfg.checkpoint.enabled:
             checkpointer = Checkpointer(
@@ -337,8 +372,13 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
                 state = spec.init() if source is None else _state_from_weights(cfg, spec, source)
             else:
                 state = checkpointer.restore(start, spec.abstract)
-                data.restore(start, _item_reader(checkpointer, start))
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
+            if data.iterator is None:  # DPO with precomputed reference log-probs
+                from maxllm.posttrain.train import reference_logps
+
+                data.start(reference_logps(cfg, spec, state["params"], data, fresh=start == 0))
+            if start > 0:
+                data.restore(start, _item_reader(checkpointer, start))
             _log_params(cfg, state["params"])
             state, history, preempted = _loop(cfg, state, step_fn, data, checkpointer, start, evaluator)
         finally:
@@ -350,15 +390,34 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
     return RunResult(history, state, spec.graphdef, start, samples)
 
 
-def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, tokenizer) -> Callable | None:
-    """params -> the evaluation metrics: held-out loss and perplexity (data.eval_path)
-    and the `eval.tasks`, as `eval/<task>/<metric>`; None when there is nothing to
-    evaluate. Tasks are read (and checked) now, before the first step."""
+def _train_input(cfg: Config, input_sharding: NamedSharding) -> data_lib.TrainInput:
+    if cfg.train.objective == "pretrain":
+        return data_lib.TrainInput(cfg, input_sharding)
+    from maxllm.posttrain.train import posttrain_input
+
+    return posttrain_input(cfg, input_sharding)
+
+
+def _batch_shardings(data: data_lib.TrainInput) -> dict[str, NamedSharding]:
+    shardings = getattr(data, "shardings", None)
+    return shardings or {k: data.sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+
+
+def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, data) -> Callable | None:
+    """params -> the evaluation metrics: held-out loss and perplexity (data.eval_path;
+    for DPO, the preference metrics of held-out pairs) and the `eval.tasks`, as
+    `eval/<task>/<metric>`; None when there is nothing to evaluate. Tasks are read
+    (and checked) now, before the first step."""
     parts = []
-    if cfg.data.eval_path:
+    tokenizer = data.tokenizer
+    if cfg.data.eval_path and cfg.train.objective != "pretrain":
+        from maxllm.posttrain.train import posttrain_evaluator
+
+        parts.append(posttrain_evaluator(cfg, spec, data))
+    elif cfg.data.eval_path:
         eval_input = data_lib.EvalInput(cfg, input_sharding)
         eval_step = make_eval_step(spec.graphdef, spec.shardings["params"], input_sharding)
-        parts.append(lambda params: evaluate(eval_step, params, eval_input))
+        parts.append(lambda state: evaluate(eval_step, state["params"], eval_input))
     if cfg.eval.tasks:
         from maxllm.eval import LanguageModel, evaluate_tasks, load_tasks
         from maxllm.eval.tasks import METRICS
@@ -369,8 +428,8 @@ def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, to
         lm = LanguageModel(spec.graphdef, None, cfg, tokenizer, cfg.eval.batch_size,
                            batch_multiple=axis_size("batch", cfg.mesh.rules.activations, mesh))
 
-        def run_tasks(params):
-            lm.params = params
+        def run_tasks(state):
+            lm.params = state["params"]
             start = time.perf_counter()
             results = evaluate_tasks(lm, tasks, cfg.eval.num_fewshot, cfg.eval.limit, cfg.eval.seed)
             out = {f"eval/{name}/{m}": float(r[m]) for name, r in results.items() for m in METRICS if m in r}
@@ -379,7 +438,7 @@ def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, to
         parts.append(run_tasks)
     if not parts:
         return None
-    return lambda params: {k: v for part in parts for k, v in part(params).items()}
+    return lambda state: {k: v for part in parts for k, v in part(state).items()}
 
 
 def _state_from_weights(cfg: Config, spec: TrainStateSpec, source: str) -> State:
@@ -389,16 +448,7 @@ def _state_from_weights(cfg: Config, spec: TrainStateSpec, source: str) -> State
 
     params = load_params(source, cfg.model, spec.shardings["params"])
     log.info("starting from the weights in %s (fresh optimizer state, step 0)", source)
-
-    def build(params):
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": spec.tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
-        }
-
-    return jax.jit(build, out_shardings=spec.shardings)(params)
+    return jax.jit(lambda p: fresh_state(cfg, spec.tx, p), out_shardings=spec.shardings)(params)
 
 
 def _item_reader(checkpointer: Checkpointer, step: int):
@@ -412,9 +462,9 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, evaluator=None) -> tup
     and whether a preemption stopped it (after saving). `evaluator(params)`, when
     given, runs every `eval.every_steps` and after the last step; its metrics join
     that step's, which is then logged whatever the logging cadence."""
-    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    rows = cfg.train.global_batch_size * (2 if cfg.train.objective == "dpo" else 1)  # DPO: a pair is two rows
     writer = MetricsWriter(cfg.run.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=start)
-    throughput = _Throughput(cfg, B * T, len(data.sharding.mesh.devices.flat))
+    throughput = _Throughput(cfg, rows * cfg.data.seq_len, len(data.sharding.mesh.devices.flat))
     history: dict[int, dict[str, float]] = {}
     pending: tuple[int, dict] | None = None
 
@@ -438,7 +488,7 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, evaluator=None) -> tup
             pending = (done, metrics)
             every = cfg.eval.every_steps
             if evaluator is not None and (done == cfg.train.steps or (every and done % every == 0)):
-                pending = (done, {**metrics, **evaluator(state["params"])})
+                pending = (done, {**metrics, **evaluator(state)})
             stop = preemption.stop_at(done)
             if checkpointer is not None and (checkpointer.should_save(done) or done == cfg.train.steps or stop):
                 checkpointer.save(done, state, force=stop, extra=data.save_args())

@@ -226,6 +226,8 @@ def export_run(
     reader = StateReader(ckpt, step)
     check_param_shapes(str(reader.path), reader.param_shapes(), abstract_params(cfg.model))
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
+    if chat_template is None and (Path(run_dir) / "chat_template.jinja").is_file():
+        chat_template = (Path(run_dir) / "chat_template.jinja").read_text()  # the template fine-tuning used
     np_dtype = DTYPE_NAMES[dtype] if dtype in DTYPE_NAMES else None
     info = ExportInfo(cfg, reader.step, reader.step * cfg.train.global_batch_size * cfg.data.seq_len)
     return export_params(

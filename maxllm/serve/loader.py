@@ -45,10 +45,13 @@ def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "
     engine = Engine(graphdef, params, tokenizer, slots=slots, max_len=max_len, max_prefill_tokens=max_prefill_tokens)
     if warmup:
         engine.warmup()
-    return engine, tokenizer, cfg, _chat_template(tokenizer.path)
+    return engine, tokenizer, cfg, _chat_template(path, tokenizer.path)
 
 
-def _chat_template(tokenizer_path: str) -> str | None:
+def _chat_template(path: str | Path, tokenizer_path: str) -> str | None:
+    """A fine-tuned run's own template (chat_template.jinja), else the tokenizer's."""
+    if (Path(path) / "chat_template.jinja").is_file():
+        return (Path(path) / "chat_template.jinja").read_text()
     config = Path(tokenizer_path).parent / "tokenizer_config.json"
     if config.is_file():
         template = json.loads(config.read_text()).get("chat_template")
