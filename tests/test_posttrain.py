@@ -5,6 +5,7 @@ precomputed, resumed, sharded)."""
 import json
 import math
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +290,172 @@ def test_packed_examples_do_not_see_each_other(tiny, tmp_path):
             np.testing.assert_allclose(logits[row][where], alone[0], atol=2e-5, rtol=1e-5)
             checked += 1
     assert checked >= 4
+
+
+# ---------------------------------------------------------------------------------
+# DPO runs
+
+
+def _dpo(tmp_path, name, *overrides, devices=None):
+    from maxllm.train import train
+
+    cfg = load_config(TINY, [
+        f"run.output_dir={tmp_path / name}", "train.objective=dpo", "data.source=text", f"data.path={PREFERENCES}",
+        f"data.tokenizer={SP}", "model.vocab_size=4096", "data.seq_len=128", "posttrain.chat_template=chatml",
+        "train.steps=4", "train.global_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0",
+        "checkpoint.enabled=true", "checkpoint.every_steps=2", "checkpoint.max_to_keep=null", "logging.every_steps=1", "logging.tensorboard=false", "model.remat=none",
+        *overrides,
+    ])
+    return train(cfg, devices)
+
+
+def _close(a: dict, b: dict, rtol: float, keys=("loss", "rewards/margins", "rewards/chosen", "logps/rejected")):
+    for step in a:
+        for key in keys:
+            assert math.isclose(a[step][key], b[step][key], rel_tol=rtol, abs_tol=1e-6), (step, key, a[step][key], b[step][key])
+
+
+def test_dpo_precomputed_reference_equals_frozen_reference_and_both_resume(tmp_path):
+    frozen = _dpo(tmp_path, "frozen")
+    assert "ref_params" in frozen.state
+    pre = _dpo(tmp_path, "pre", "dpo.precompute_ref=true")
+    assert "ref_params" not in pre.state and (tmp_path / "pre" / "ref_logps.npy").is_file()
+    print("\nstep  loss(frozen)  loss(precomputed)  margins(frozen)  margins(precomputed)")
+    for step in sorted(frozen.history):
+        f, p = frozen.history[step], pre.history[step]
+        print(f"{step:4d}  {f['loss']:.6f}      {p['loss']:.6f}           {f['rewards/margins']:.6f}        {p['rewards/margins']:.6f}")
+    _close(frozen.history, pre.history, 1e-5)
+    assert frozen.history[1]["rewards/margins"] == 0.0 and frozen.history[1]["rewards/accuracies"] == 0.0  # policy = reference
+    assert frozen.history[4]["rewards/margins"] > 0
+    for name, whole, extra in (("frozen", frozen, ()), ("pre", pre, ("dpo.precompute_ref=true",))):
+        out = tmp_path / f"{name}-resumed"
+        shutil.copytree(tmp_path / name, out)
+        shutil.rmtree(out / "checkpoints" / "4")  # as if the run had stopped after step 2
+        resumed = _dpo(tmp_path, out.name, *extra)
+        assert resumed.start_step == 2 and sorted(resumed.history) == [3, 4]
+        for step in (3, 4):
+            assert resumed.history[step]["loss"] == whole.history[step]["loss"], (name, step)
+            assert resumed.history[step]["rewards/margins"] == whole.history[step]["rewards/margins"], (name, step)
+
+
+def test_dpo_sharded_and_accumulated_equal_one_device(tmp_path):
+    one = _dpo(tmp_path, "one", "train.steps=3", "checkpoint.enabled=false", devices=jax.devices()[:1])
+    sharded = _dpo(tmp_path, "sharded", "train.steps=3", "checkpoint.enabled=false", "mesh.fsdp=4", "mesh.tensor=2",
+                   "train.grad_accum_steps=2")
+    for step in sorted(one.history):
+        print(f"step {step}: loss one device {one.history[step]['loss']:.6f}, fsdp=4 x tensor=2 with 2 microbatches "
+              f"{sharded.history[step]['loss']:.6f}")
+    _close(one.history, sharded.history, 1e-5)
+
+
+# ---------------------------------------------------------------------------------
+# End to end: an HF model in, SFT, DPO, an HF model out
+
+
+def _tiny_hf_model(folder):
+    """A randomly initialized Llama saved by transformers, with the quickstart
+    tokenizer and a ChatML template in its tokenizer_config.json."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from maxllm.hf.tokenizer_files import write_tokenizer
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    hf.save_pretrained(folder)
+    write_tokenizer(folder, SP, bos_id=1, eos_id=2, max_length=512, chat_template=BUILTIN_TEMPLATES["chatml"])
+    return folder
+
+
+def _answers_ending_with_eos(run, prompts, max_new):
+    from maxllm.hf import load_pretrained
+    from maxllm.sample import greedy_generate
+    from flax import nnx
+    from maxllm.models import build_model
+
+    loaded = load_pretrained(run)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(loaded.config.model, 0)))
+    outs = greedy_generate(graphdef, loaded.params, prompts, max_new, loaded.config.model.max_seq_len, eos_id=2)
+    return sum(len(o) < max_new for o in outs), outs  # a row shorter than max_new stopped at EOS
+
+
+def test_import_sft_dpo_export_end_to_end(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from maxllm.hf import export_run
+    from maxllm.import_hf import import_hf
+    from maxllm.train import train
+
+    imported = import_hf(_tiny_hf_model(tmp_path / "hf"), tmp_path / "imported")
+
+    def run(name, base, **sections):
+        """Trains a config that inherits `base` (a run's config.yml), as a user writes one."""
+        import yaml
+
+        common = {"run": {"output_dir": str(tmp_path / name)},
+                  "data": {"source": "text", "seq_len": 256, "eval_path": None},
+                  "train": {"global_batch_size": 8, "warmup_steps": 10},
+                  "model": {"remat": "none"}, "checkpoint": {"every_steps": 1000},
+                  "logging": {"tensorboard": False, "every_steps": 25}}
+        for key, value in sections.items():
+            common[key] = {**common.get(key, {}), **value}
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump({"base": str(base / "config.yml"), **common}))
+        return train(load_config(path))
+
+    # SFT on the team's chat set, with the template the imported tokenizer brings.
+    sft = run("sft", imported, train={"objective": "sft", "init_from": str(imported), "steps": 200, "lr": 3e-3},
+              data={"path": str(CHAT)})
+    assert sft.losses[200] < 0.3 * sft.losses[25], sft.losses
+    assert (tmp_path / "sft" / "chat_template.jinja").read_text() == BUILTIN_TEMPLATES["chatml"]
+    encoder = TextEncoder(Tokenizer.load(SP))
+    template = ChatTemplate(BUILTIN_TEMPLATES["chatml"], eos_token=encoder.eos_token)
+    records = [json.loads(line) for line in CHAT.read_text().splitlines()]
+    prompts = [encoder.fast.encode(template.render(r["messages"][:-1], add_generation_prompt=True),
+                                   add_special_tokens=False).ids for r in records]
+    before, _ = _answers_ending_with_eos(imported, prompts, 80)
+    after, outs = _answers_ending_with_eos(tmp_path / "sft", prompts, 80)
+    print(f"\nanswers that end with EOS within 80 tokens: {before}/{len(prompts)} before SFT, {after}/{len(prompts)} after")
+    print("e.g.", repr(encoder.fast.decode(outs[0], skip_special_tokens=False)))
+    assert before == 0 and after >= 0.9 * len(prompts)
+
+    # DPO from the SFT run, scored on its own training pairs every 10 steps.
+    dpo = run("dpo", tmp_path / "sft", train={"objective": "dpo", "init_from": str(tmp_path / "sft"), "steps": 40,
+                                               "lr": 1e-3, "warmup_steps": 5},
+              data={"path": str(PREFERENCES), "eval_path": str(PREFERENCES)}, eval={"every_steps": 10},
+              logging={"every_steps": 10})
+    evals = {s: m for s, m in sorted(dpo.history.items()) if "eval_rewards/accuracies" in m}
+    for step, m in evals.items():
+        print(f"DPO step {step}: rewards/accuracies {m['eval_rewards/accuracies']:.3f}, "
+              f"rewards/margins {m['eval_rewards/margins']:.3f}, loss {m['eval_loss']:.4f}")
+    margins = [m["eval_rewards/margins"] for m in evals.values()]
+    assert sorted(evals) == [10, 20, 30, 40]
+    assert evals[40]["eval_rewards/accuracies"] > 0.9
+    assert all(b > a for a, b in zip(margins, margins[1:])) and margins[0] > 0, margins
+
+    # Export: transformers loads the model and the tokenizer with the template.
+    folder = export_run(tmp_path / "dpo", tmp_path / "export", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(records[0]["messages"][:-1], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert list(ids) == prompts[0]
+    ours = model_logits_for(tmp_path / "dpo", ids)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([list(ids)])).logits.numpy()[0]
+        generated = hf.generate(torch.tensor([list(ids)]), max_new_tokens=80, do_sample=False)[0, len(ids):].tolist()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"exported: max |logit difference| vs transformers {diff:.2e}; transformers answers "
+          f"{tok.decode(generated)!r}")
+    assert diff < 1e-4
+    assert generated[-1] == tok.eos_token_id and len(generated) < 80
+
+
+def model_logits_for(run, ids):
+    from conftest import model_logits
+    from maxllm.hf import load_pretrained
+
+    return model_logits(load_pretrained(run), np.asarray([list(ids)], np.int32))[0]
