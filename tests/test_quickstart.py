@@ -32,3 +32,23 @@ def test_quickstart_learns_and_samples(tmp_path):
     assert abs(final["eval_loss"] - last) < 1.0 and final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
     # The sample tasks the config evaluates, logged with it.
     assert 0 <= final["eval/docs_mc/acc"] <= 1 and 0 <= final["eval/docs_qa/exact_match"] <= 1
+
+
+@pytest.mark.slow
+def test_fine_tuning_configs_run_from_the_quickstart(tmp_path):
+    """configs/sft/chat.yml then configs/sft/dpo.yml, shortened, each starting from
+    the run before it."""
+    base = load_config(ROOT / "configs" / "quickstart.yml",
+                       [f"run.output_dir={tmp_path / 'base'}", "train.steps=2", "eval.tasks=[]", "data.eval_path=null",
+                        "sample.prompts=[]", "logging.tensorboard=false"])
+    train(base)
+    short = ["checkpoint.every_steps=3", "eval.every_steps=3", "logging.tensorboard=false", "sample.max_new_tokens=4"]
+    sft = train(load_config(ROOT / "configs" / "sft" / "chat.yml", [
+        f"run.output_dir={tmp_path / 'sft'}", f"train.init_from={tmp_path / 'base'}", "train.steps=3", *short]))
+    assert sft.history[3]["eval_tokens"] > 0 and math.isfinite(sft.history[3]["eval_loss"])
+    assert len(sft.samples) == 1
+    dpo = train(load_config(ROOT / "configs" / "sft" / "dpo.yml", [
+        f"run.output_dir={tmp_path / 'dpo'}", f"train.init_from={tmp_path / 'sft'}", "train.steps=3", *short]))
+    assert dpo.history[1]["rewards/margins"] == 0.0  # the policy starts as its reference
+    assert 0 <= dpo.history[3]["eval_rewards/accuracies"] <= 1
+    assert (tmp_path / "dpo" / "chat_template.jinja").read_text() == (tmp_path / "sft" / "chat_template.jinja").read_text()
