@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
-    parser.add_argument("--chat-template", default=None, help="a Jinja chat template file for tokenizer_config.json")
+    parser.add_argument("--chat-template", default=None, help="a Jinja chat template file for tokenizer_config.json "
+                        "(default: the run's chat_template.jinja, when it was fine-tuned with one)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")

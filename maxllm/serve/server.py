@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import Any, Literal
 
-import jinja2.sandbox
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -24,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from maxllm.posttrain.chat import ChatTemplate, TemplateError
+from maxllm.posttrain.records import TextEncoder
 from maxllm.serve.engine import Engine, Request, Result, SamplingParams, Token
 
 # Used when the tokenizer brings no chat template (ChatML).
@@ -118,8 +119,11 @@ class Server:
     def __init__(self, engine: Engine, tokenizer, cfg: ServerConfig):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.in_flight = 0
-        self.template = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-            cfg.chat_template or DEFAULT_CHAT_TEMPLATE)
+        # Chat prompts are rendered and tokenized as fine-tuning renders them: the
+        # tokenizer's BOS and EOS strings bound, special tokens matched in the text.
+        self.chat_encoder = TextEncoder(tokenizer)
+        self.template = ChatTemplate(cfg.chat_template or DEFAULT_CHAT_TEMPLATE,
+                                     bos_token=self.chat_encoder.bos_token, eos_token=self.chat_encoder.eos_token)
         r = self.registry = CollectorRegistry()
         self.m_requests = Counter("maxllm_requests", "HTTP requests", ["route", "status"], registry=r)
         self.m_tokens_in = Counter("maxllm_prompt_tokens", "prompt tokens received", registry=r)
@@ -205,12 +209,12 @@ class Server:
 
         return jax.devices()[0].platform
 
-    def render_chat(self, messages: list[Message]) -> str:
+    def chat_ids(self, messages: list[Message]) -> list[int]:
         try:
-            return self.template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                                        bos_token="", eos_token="")
-        except jinja2.TemplateError as e:
-            raise ClientError(422, f"chat template failed: {e}", param="messages") from None
+            text = self.template.render([m.model_dump() for m in messages], add_generation_prompt=True)
+        except TemplateError as e:
+            raise ClientError(422, str(e), param="messages") from None
+        return self.encode(self.chat_encoder.encode(text, [])[0])
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -332,7 +336,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
         server.check_model(body.model)
-        ids = server.encode(server.render_chat(body.messages))
+        ids = server.chat_ids(body.messages)
         max_new = body.max_completion_tokens or body.max_tokens or (cfg.max_total_tokens - len(ids))
         if max_new < 1:
             raise ClientError(422, "the conversation leaves no room for an answer", param="messages")
