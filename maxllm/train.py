@@ -373,7 +373,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
             else:
                 state = checkpointer.restore(start, spec.abstract)
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
-            if data.iterator is None:  # DPO with precomputed reference log-probs
+            if cfg.train.objective == "dpo" and cfg.dpo.precompute_ref:
                 from maxllm.posttrain.train import reference_logps
 
                 data.start(reference_logps(cfg, spec, state["params"], data, fresh=start == 0))
