@@ -106,7 +106,7 @@ class MetricsWriter:
         jsonl: bool,
         tensorboard: bool,
         resume_step: int = 0,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,  # None: the sys.stdout of each write (not of the first import)
     ):
         self.stream = stream
         self.jsonl = None
@@ -128,8 +128,9 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
-        self.stream.write(_format_line(step, metrics) + "\n")
-        self.stream.flush()
+        stream = self.stream or sys.stdout
+        stream.write(_format_line(step, metrics) + "\n")
+        stream.flush()
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
