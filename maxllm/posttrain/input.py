@@ -44,9 +44,10 @@ def read_examples(cfg: Config, path: str, tokenizer: Tokenizer, template: ChatTe
     convert = reader.sft if cfg.train.objective == "sft" else reader.preference
     examples = read_records(path, convert, skip_bad=cfg.posttrain.skip_bad_records)
     masks = [v for e in examples for k, v in e.items() if k.endswith("loss_mask")]
-    log.info("%s: %d %s, %d tokens, %d of them learned", path, len(examples),
-             "examples" if cfg.train.objective == "sft" else "preference pairs",
-             sum(len(m) for m in masks), sum(int(m.sum()) for m in masks))
+    log.info("%s: %d %s, %d tokens, %d of them learned; the longest sequence has %d (data.seq_len=%d)", path,
+             len(examples), "examples" if cfg.train.objective == "sft" else "preference pairs",
+             sum(len(m) for m in masks), sum(int(m.sum()) for m in masks), max(len(m) for m in masks),
+             cfg.data.seq_len)
     return examples
 
 
