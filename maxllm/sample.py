@@ -53,6 +53,10 @@ def greedy_generate(
     out = [token_B]
     for _ in range(max_new_tokens - 1):
         token_B, cache = decode(params, token_B, cache)
+        # One step in flight at a time: on many CPU devices sharing few cores, XLA's
+        # collectives deadlock when dozens of decode steps are queued at once
+        # (seen with 8 virtual devices on 2 cores and fsdp-sharded parameters).
+        token_B.block_until_ready()
         out.append(token_B)
     generated = np.asarray(jnp.stack(out, axis=1)).tolist()
     if eos_id is not None:
