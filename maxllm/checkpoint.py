@@ -83,7 +83,10 @@ class Checkpointer:
 
     def has_optimizer_state(self, step: int) -> bool:
         """False for a parameters-only checkpoint (what maxllm.import_hf writes)."""
-        return "opt_state" in self.manager.item_metadata(step)["state"]
+        return self.has_state_key(step, "opt_state")
+
+    def has_state_key(self, step: int, key: str) -> bool:
+        return key in self.manager.item_metadata(step)["state"]
 
     def has_item(self, step: int, name: str) -> bool:
         return (self.directory / str(step) / name).exists()

@@ -50,6 +50,7 @@ from maxllm.sample import greedy_generate
 log = logging.getLogger("maxllm.train")
 
 State = dict[str, Any]
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # each (B, T); DPO: (B, 2, T)
 
 
 @dataclasses.dataclass
@@ -255,8 +256,7 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any, input_sharding:
         _, nll, count = token_loss_sums(logits_BTV, batch["targets"], batch["loss_mask"], 0.0)
         return nll, count
 
-    batch_shardings = {k: input_sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-    return jax.jit(step, in_shardings=(param_shardings, batch_shardings))
+    return jax.jit(step, in_shardings=(param_shardings, dict.fromkeys(BATCH_KEYS, input_sharding)))
 
 
 def evaluate(eval_step, params, eval_input: data_lib.EvalInput) -> dict[str, float]:
@@ -371,6 +371,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
                 start = 0
                 state = spec.init() if source is None else _state_from_weights(cfg, spec, source)
             else:
+                _check_reference_state(cfg, checkpointer, start)
                 state = checkpointer.restore(start, spec.abstract)
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
             if cfg.train.objective == "dpo" and cfg.dpo.precompute_ref:
@@ -400,7 +401,7 @@ def _train_input(cfg: Config, input_sharding: NamedSharding) -> data_lib.TrainIn
 
 def _batch_shardings(data: data_lib.TrainInput) -> dict[str, NamedSharding]:
     shardings = getattr(data, "shardings", None)
-    return shardings or {k: data.sharding for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    return shardings or dict.fromkeys(BATCH_KEYS, data.sharding)
 
 
 def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, data) -> Callable | None:
@@ -451,6 +452,17 @@ def _state_from_weights(cfg: Config, spec: TrainStateSpec, source: str) -> State
     return jax.jit(lambda p: fresh_state(cfg, spec.tx, p), out_shardings=spec.shardings)(params)
 
 
+def _check_reference_state(cfg: Config, checkpointer: Checkpointer, step: int) -> None:
+    """A checkpoint holds a frozen DPO reference exactly when this config keeps one."""
+    saved = checkpointer.has_state_key(step, "ref_params")
+    if saved != uses_frozen_reference(cfg):
+        held = "holds a frozen reference (ref_params)" if saved else "holds no frozen reference"
+        wants = ("train.objective=dpo with dpo.precompute_ref=false" if uses_frozen_reference(cfg)
+                 else f"train.objective={cfg.train.objective}, dpo.precompute_ref={cfg.dpo.precompute_ref}")
+        raise ConfigError(f"{checkpointer.directory}/{step}: the checkpoint {held}, but this run has {wants}; "
+                          "resume with the settings it was written with, or start a new run.output_dir")
+
+
 def _item_reader(checkpointer: Checkpointer, step: int):
     if not checkpointer.has_item(step, "data"):
         return None
@@ -459,7 +471,7 @@ def _item_reader(checkpointer: Checkpointer, step: int):
 
 def _loop(cfg, state, step_fn, data, checkpointer, start, evaluator=None) -> tuple[State, dict, bool]:
     """Steps from `start` to `train.steps`; returns the state, the metrics by step,
-    and whether a preemption stopped it (after saving). `evaluator(params)`, when
+    and whether a preemption stopped it (after saving). `evaluator(state)`, when
     given, runs every `eval.every_steps` and after the last step; its metrics join
     that step's, which is then logged whatever the logging cadence."""
     rows = cfg.train.global_batch_size * (2 if cfg.train.objective == "dpo" else 1)  # DPO: a pair is two rows

@@ -459,3 +459,50 @@ def model_logits_for(run, ids):
     from maxllm.hf import load_pretrained
 
     return model_logits(load_pretrained(run), np.asarray([list(ids)], np.int32))[0]
+
+
+def test_packed_sft_resumes_exactly_and_a_changed_reference_setting_is_refused(tmp_path):
+    from maxllm.config import ConfigError
+    from maxllm.train import train
+
+    sft = [f"data.path={CHAT}", "train.objective=sft", "posttrain.chat_template=chatml", "data.seq_len=256"]
+
+    def run(name, *extra):
+        return train(load_config(TINY, [
+            f"run.output_dir={tmp_path / name}", "data.source=text", f"data.tokenizer={SP}", "model.vocab_size=4096",
+            "train.steps=6", "train.global_batch_size=8", "checkpoint.enabled=true", "checkpoint.every_steps=3",
+            "checkpoint.max_to_keep=null", "logging.tensorboard=false", *extra]))
+
+    whole = run("whole", *sft)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+    resumed = run("resumed", *sft)
+    assert resumed.start_step == 3 and sorted(resumed.losses) == [4, 5, 6]
+    assert all(resumed.losses[s] == whole.losses[s] for s in (4, 5, 6)), (resumed.losses, whole.losses)
+
+    dpo = [f"data.path={PREFERENCES}", "train.objective=dpo", "posttrain.chat_template=chatml", "data.seq_len=128"]
+    run("dpo", *dpo, "train.steps=3")
+    with pytest.raises(ConfigError, match="holds a frozen reference .ref_params., but this run has train.objective=dpo, "
+                                          "dpo.precompute_ref=True"):
+        run("dpo", *dpo, "dpo.precompute_ref=true")
+
+
+def test_unreadable_files_and_refusing_templates_are_clear_errors(tmp_path, encoder):
+    import gzip
+
+    from maxllm.posttrain import read_records
+
+    good = json.dumps({"prompt": "Q:", "completion": " yes"}) + "\n"
+    path = tmp_path / "records.jsonl.gz"
+    path.write_bytes(gzip.compress((good * 50).encode())[:-20])  # truncated
+    reader = Reader(encoder, None, 64)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:\d+: cannot be read \((EOFError|BadGzipFile)"):
+        read_records(str(path), reader.sft, skip_bad=False)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good.encode() + '{"prompt": "caf\xe9", "completion": " x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{re.escape(str(latin))}:2: cannot be read \(UnicodeDecodeError"):
+        read_records(str(latin), reader.sft, skip_bad=False)
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}"
+                          + BUILTIN_TEMPLATES["chatml"])
+    with pytest.raises(TemplateError, match="refuses this conversation: must start with user"):
+        strict.render([{"role": "assistant", "content": "hi"}])

@@ -71,7 +71,8 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
         spec = train_lib.train_state_spec(cfg, mesh)
         state = spec.init()
         sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (batch, seq))
-        step_fn = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, sharding)
+        step_fn = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings,
+                                            dict.fromkeys(train_lib.BATCH_KEYS, sharding))
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq + 1))
         host = {

@@ -128,13 +128,16 @@ class _StackAndPad:
 
 
 def to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Grain's packing features -> the train step's batch."""
+    """Grain's packing features -> the train step's batch. The loss mask is the
+    packed `loss_mask` feature when there is one (fine-tuning: learned tokens
+    only), else every real target."""
+    mask = packed["loss_mask"] if "loss_mask" in packed else packed["targets_segment_ids"] != 0
     return {
         "inputs": packed["inputs"].astype(np.int32),
         "targets": packed["targets"].astype(np.int32),
         "positions": packed["inputs_positions"].astype(np.int32),
         "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
-        "loss_mask": (packed["targets_segment_ids"] != 0).astype(np.float32),
+        "loss_mask": mask.astype(np.float32),
     }
 
 

@@ -220,14 +220,15 @@ def export_run(
     """Exports a run directory's checkpoint (the newest, or `step`)."""
     from maxllm.checkpoint import StateReader, check_param_shapes
     from maxllm.data import open_tokenizer
+    from maxllm.posttrain.chat import TEMPLATE_FILE
 
     cfg = run_config(run_dir)
     ckpt = _checkpoint_root(run_dir, cfg)
     reader = StateReader(ckpt, step)
     check_param_shapes(str(reader.path), reader.param_shapes(), abstract_params(cfg.model))
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
-    if chat_template is None and (Path(run_dir) / "chat_template.jinja").is_file():
-        chat_template = (Path(run_dir) / "chat_template.jinja").read_text()  # the template fine-tuning used
+    if chat_template is None and (Path(run_dir) / TEMPLATE_FILE).is_file():
+        chat_template = (Path(run_dir) / TEMPLATE_FILE).read_text()  # the template fine-tuning used
     np_dtype = DTYPE_NAMES[dtype] if dtype in DTYPE_NAMES else None
     info = ExportInfo(cfg, reader.step, reader.step * cfg.train.global_batch_size * cfg.data.seq_len)
     return export_params(

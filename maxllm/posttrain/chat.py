@@ -72,8 +72,8 @@ def resolve_template(spec: str | None, *, tokenizer_path: str | None, init_from:
                 f"posttrain.chat_template={spec!r}: not a file, nor one of {', '.join(BUILTIN_TEMPLATES)}"
             )
         return path.read_text(), str(path)
-    if init_from is not None:  # a run directory, or a checkpoint inside one
-        run_dir = next((p for p in (Path(init_from), *Path(init_from).parents[:2]) if (p / "config.yml").is_file()), None)
+    if init_from is not None:
+        run_dir = find_run_dir(init_from)
         if run_dir is not None and (run_dir / TEMPLATE_FILE).is_file():
             return (run_dir / TEMPLATE_FILE).read_text(), str(run_dir / TEMPLATE_FILE)
     template = tokenizer_template(tokenizer_path)
@@ -84,6 +84,12 @@ def resolve_template(spec: str | None, *, tokenizer_path: str | None, init_from:
         f"({tokenizer_path}) nor train.init_from brings one: set posttrain.chat_template to "
         f"{', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
     )
+
+
+def find_run_dir(path: str | Path) -> Path | None:
+    """The run directory `path` is, or holds a checkpoint of (checkpoints/ or checkpoints/N)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents[:2]) if (p / "config.yml").is_file()), None)
 
 
 def tokenizer_template(tokenizer_path: str | None) -> str | None:
@@ -100,11 +106,16 @@ def tokenizer_template(tokenizer_path: str | None) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _raise(message: str):
+    raise TemplateError(f"the chat template refuses this conversation: {message}")
+
+
 class ChatTemplate:
     """A compiled template with the tokenizer's BOS and EOS strings bound."""
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = ""):
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise  # what HF templates call on a conversation they refuse
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:

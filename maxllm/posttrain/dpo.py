@@ -38,7 +38,7 @@ from maxllm.config import DPOConfig
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
-SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # as maxllm.train.BATCH_KEYS
 
 
 def sequence_logps(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:

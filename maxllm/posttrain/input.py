@@ -29,12 +29,11 @@ from maxllm.config import Config
 from maxllm.data import TrainInput, pipeline as pl, process_rows
 from maxllm.data.sources import DataError
 from maxllm.posttrain.chat import ChatTemplate
+from maxllm.posttrain.dpo import SEQUENCE_KEYS
 from maxllm.posttrain.records import Reader, TextEncoder, read_records
 from maxllm.tokenizer import Tokenizer
 
 log = logging.getLogger("maxllm.posttrain")
-
-SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def read_examples(cfg: Config, path: str, tokenizer: Tokenizer, template: ChatTemplate | None,
@@ -89,7 +88,7 @@ class PosttrainInput(TrainInput):
                 docs.map(_sequence), length_struct={k: d.seq_len for k in ("inputs", "targets", "loss_mask")},
                 num_packing_bins=d.packing_bins or 4 * rows, seed=seed, shuffle_bins=d.shuffle,
             )
-            dataset = packed.map(_from_packed).batch(rows)
+            dataset = packed.map(pl.to_model_batch).batch(rows)
         else:
             dataset = docs.map(PadRow(d.seq_len)).batch(rows)
         self.iterator = iter(gx.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=2))
@@ -117,7 +116,7 @@ class SFTEvalInput:
             packed = gx.FirstFitPackIterDataset(
                 docs, length_struct={k: d.seq_len for k in ("inputs", "targets", "loss_mask")},
                 num_packing_bins=d.packing_bins or 4 * rows, shuffle_bins=False,
-            ).map(_from_packed)
+            ).map(pl.to_model_batch)
         else:
             packed = docs.map(PadRow(d.seq_len))
         self.dataset = packed.batch(rows, drop_remainder=False, batch_fn=pl._StackAndPad(rows))
@@ -158,16 +157,6 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict, shape: tuple[int
 
 def _sequence(example: dict) -> dict:
     return {k: example[k] for k in ("inputs", "targets", "loss_mask")}
-
-
-def _from_packed(packed: dict) -> dict:
-    return {
-        "inputs": packed["inputs"].astype(np.int32),
-        "targets": packed["targets"].astype(np.int32),
-        "positions": packed["inputs_positions"].astype(np.int32),
-        "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
-        "loss_mask": packed["loss_mask"].astype(np.float32),
-    }
 
 
 def pad_sequence(inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -225,7 +214,14 @@ def reference_file(out_dir: str) -> Path:
 
 
 def check_reference(path: Path, pairs: int) -> np.ndarray:
-    ref = np.load(path)
+    """The saved reference log-probs of `pairs` pairs (a resumed run's)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; a resumed run with dpo.precompute_ref needs the reference log-probs "
+                        "its first start computed (start a new run.output_dir)")
+    try:
+        ref = np.load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable ({e}); start a new run.output_dir") from None
     if ref.shape != (pairs, 2):
         raise DataError(
             f"{path}: holds reference log-probs for {ref.shape[0]} pairs, the data has {pairs}; "

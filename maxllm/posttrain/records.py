@@ -20,6 +20,7 @@ counted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -43,6 +44,13 @@ class RecordError(ValueError):
     """One record that cannot be used; the message says why (the caller adds where)."""
 
 
+@functools.lru_cache(maxsize=4)
+def _converted(sentencepiece_path: str) -> str:
+    from maxllm.hf.tokenizer_files import sentencepiece_to_tokenizer_json
+
+    return sentencepiece_to_tokenizer_json(sentencepiece_path)
+
+
 class TextEncoder:
     """Token ids of a text and which of them fall in given character spans.
 
@@ -55,9 +63,7 @@ class TextEncoder:
         if isinstance(tokenizer, HFTokenizer):
             self.fast = tokenizer.tok
         else:
-            from maxllm.hf.tokenizer_files import sentencepiece_to_tokenizer_json
-
-            self.fast = Fast.from_str(sentencepiece_to_tokenizer_json(tokenizer.path))
+            self.fast = Fast.from_str(_converted(tokenizer.path))
         self.eos_id = tokenizer.eos_id
         self.bos_id = tokenizer.bos_id
         self.eos_token = self.fast.id_to_token(tokenizer.eos_id) or ""
@@ -168,7 +174,7 @@ class Reader:
         if not any(learned[1:]):
             raise RecordError("no token to learn (the learned text is empty once tokenized)")
         prompt_tokens = learned.index(True)
-        if prompt_tokens >= self.seq_len:
+        if prompt_tokens > self.seq_len:
             raise RecordError(
                 f"the prompt alone is {prompt_tokens} tokens; data.seq_len={self.seq_len} leaves no room for the answer"
             )
@@ -187,14 +193,24 @@ class Reader:
 def jsonl_files(pattern: str) -> list[str]:
     files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     if not files or not all(Path(f).is_file() for f in files):
-        raise DataError(f"{pattern}: no such file (data.path names JSONL records for fine-tuning)")
+        raise DataError(f"{pattern}: no such file (fine-tuning records are JSONL files)")
     return files
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line); a line that is not UTF-8, or a file that cannot be
+    read on (a truncated gzip), is a DataError naming the line."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        yield from enumerate(f, 1)
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{number}: cannot be read (UnicodeDecodeError: {e})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}:{number + 1}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def read_records(pattern: str, convert, *, skip_bad: bool) -> list[dict[str, np.ndarray]]:

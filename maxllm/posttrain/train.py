@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllm import data as data_lib
 from maxllm.config import Config
-from maxllm.posttrain.chat import TEMPLATE_FILE, ChatTemplate, TemplateError, resolve_template
+from maxllm.posttrain.chat import TEMPLATE_FILE, ChatTemplate, TemplateError, find_run_dir, resolve_template
 from maxllm.posttrain.dpo import METRICS, SEQUENCE_KEYS, dpo_losses, pair_logps
 from maxllm.posttrain.input import (
     PosttrainInput,
@@ -42,7 +42,7 @@ def run_tokenizer(cfg: Config) -> Tokenizer:
     if is_hf_folder(path):
         source = cfg.data.model_copy(update={"tokenizer": str(path)})
     else:
-        run_dir = next((p for p in (path, *path.parents[:2]) if (p / "config.yml").is_file()), None)
+        run_dir = find_run_dir(path)
         if run_dir is None:
             raise data_lib.DataError(f"{path}: no config.yml here or above it, nor an HF folder; set data.tokenizer")
         try:
@@ -58,19 +58,25 @@ def run_tokenizer(cfg: Config) -> Tokenizer:
 
 def run_template(cfg: Config, tokenizer: Tokenizer) -> tuple[ChatTemplate | None, str | None]:
     """The run's chat template, saved as <run.output_dir>/chat_template.jinja for
-    the export; or (None, why there is none) when records bring messages it fails."""
+    the export; or (None, why there is none), which only records with messages
+    turn into an error. A template named in the config that cannot be used is an
+    error at once."""
+    from maxllm.posttrain.records import TextEncoder
+
     try:
         source, origin = resolve_template(cfg.posttrain.chat_template, tokenizer_path=tokenizer.path,
                                           init_from=cfg.train.init_from)
-        from maxllm.posttrain.records import TextEncoder
-
         encoder = TextEncoder(tokenizer)
         template = ChatTemplate(source, bos_token=encoder.bos_token, eos_token=encoder.eos_token)
     except TemplateError as e:
+        if cfg.posttrain.chat_template is not None:
+            raise data_lib.DataError(str(e)) from None
         return None, str(e)
     log.info("chat template: %s", origin)
     if jax.process_index() == 0:
-        Path(cfg.run.output_dir, TEMPLATE_FILE).write_text(source)
+        partial = Path(cfg.run.output_dir, TEMPLATE_FILE + ".partial")
+        partial.write_text(source)
+        partial.replace(partial.with_name(TEMPLATE_FILE))
     return template, None
 
 
@@ -110,13 +116,16 @@ def reference_logps(cfg: Config, spec, params, data: PosttrainInput, *, fresh: b
     directory; read back when the run resumes."""
     path = reference_file(cfg.run.output_dir)
     eval_path = path.with_name("ref_logps_eval.npy")
-    if not fresh:
-        if not path.is_file():
-            raise data_lib.DataError(f"{path}: missing; a resumed run with dpo.precompute_ref needs the "
-                                     "reference log-probs its first start computed")
+    if not fresh:  # process 0 reads the files of its run directory; every process gets them
+        from jax.experimental import multihost_utils
+
         if data.eval_examples is not None:
-            data.eval_ref = check_reference(eval_path, len(data.eval_examples))
-        return check_reference(path, len(data.examples))
+            data.eval_ref = np.asarray(multihost_utils.broadcast_one_to_all(
+                check_reference(eval_path, len(data.eval_examples)) if jax.process_index() == 0
+                else np.zeros((len(data.eval_examples), 2), np.float32)))
+        return np.asarray(multihost_utils.broadcast_one_to_all(
+            check_reference(path, len(data.examples)) if jax.process_index() == 0
+            else np.zeros((len(data.examples), 2), np.float32)))
     start = time.perf_counter()
     score = _pair_scorer(cfg, spec, data)
     ref = score(params, data.examples)
@@ -155,7 +164,9 @@ def posttrain_evaluator(cfg: Config, spec, data: PosttrainInput) -> Callable:
 
     def run(state) -> dict[str, float]:
         policy = score(state["params"], data.eval_examples)
-        ref = data.eval_ref if "ref_params" not in state else score(state["ref_params"], data.eval_examples)
+        if data.eval_ref is None:  # frozen reference: scored once, it never changes
+            data.eval_ref = score(state["ref_params"], data.eval_examples)
+        ref = data.eval_ref
         losses, metrics = dpo_losses(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=cfg.dpo.beta,
                                      loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing)
         out = {"eval_loss": float(np.mean(losses))}

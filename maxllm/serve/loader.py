@@ -3,7 +3,6 @@ quantize the weights, build the engine (compiled and warmed up) and the API."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -50,14 +49,11 @@ def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "
 
 def _chat_template(path: str | Path, tokenizer_path: str) -> str | None:
     """A fine-tuned run's own template (chat_template.jinja), else the tokenizer's."""
-    if (Path(path) / "chat_template.jinja").is_file():
-        return (Path(path) / "chat_template.jinja").read_text()
-    config = Path(tokenizer_path).parent / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
+    from maxllm.posttrain.chat import TEMPLATE_FILE, tokenizer_template
+
+    if (Path(path) / TEMPLATE_FILE).is_file():
+        return (Path(path) / TEMPLATE_FILE).read_text()
+    return tokenizer_template(tokenizer_path)
 
 
 def build_server(path: str | Path, *, quantize: str | None = None, dtype: str = "bfloat16", slots: int = 8,

@@ -34,6 +34,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
 class ClientError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -124,6 +127,9 @@ class Server:
         self.chat_encoder = TextEncoder(tokenizer)
         self.template = ChatTemplate(cfg.chat_template or DEFAULT_CHAT_TEMPLATE,
                                      bos_token=self.chat_encoder.bos_token, eos_token=self.chat_encoder.eos_token)
+        # A chat answer also ends at its template's end-of-turn marker (a model fine-tuned with
+        # ChatML on a tokenizer whose EOS is </s> writes "<|im_end|>\n</s>").
+        self.turn_ends = tuple(m for m in TURN_END_MARKERS if m in self.template.source)
         r = self.registry = CollectorRegistry()
         self.m_requests = Counter("maxllm_requests", "HTTP requests", ["route", "status"], registry=r)
         self.m_tokens_in = Counter("maxllm_prompt_tokens", "prompt tokens received", registry=r)
@@ -342,7 +348,7 @@ def create_app(server: Server) -> FastAPI:
             raise ClientError(422, "the conversation leaves no room for an answer", param="messages")
         server.check_total(ids, max_new)
         params = SamplingParams(max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty, body.seed,
-                                _stops(body.stop) + ("<|im_end|>",) if not cfg.chat_template else _stops(body.stop))
+                                _stops(body.stop) + server.turn_ends)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(delta: dict, reason: str | None) -> dict:
