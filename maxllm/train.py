@@ -563,12 +563,19 @@ def _sample(cfg: Config, graphdef, params, tokenizer) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maxllm.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the step and print parameters, FLOPs and memory per device; run nothing")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     log_to_stderr("maxllm")
     try:
         cfg = load_config(args.config, args.overrides)
         maybe_initialize_distributed()
+        if args.dry_run:
+            from maxllm.plan import main as dry_run
+
+            dry_run(cfg)
+            return 0
         train(cfg)
     except (ConfigError, data_lib.DataError, HFError) as e:
         print(f"error: {e}", file=sys.stderr)
