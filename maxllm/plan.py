@@ -30,6 +30,7 @@ class Plan:
     """One step of a config on a mesh, per device where it says so."""
 
     devices: int
+    mesh: str  # the axis sizes
     params: int
     tokens_per_step: int
     flops_per_step: float  # model FLOPs (6N + attention per token), all devices
@@ -48,6 +49,7 @@ class Plan:
         gb = 1e9
         dpo = " (pairs)" if cfg.train.objective == "dpo" else ""
         lines = [
+            self.mesh,
             f"dry run: {cfg.model.family}, {self.params / 1e9:.3g}B parameters, {self.devices} devices "
             f"({jax.devices()[0].platform}), compiled in {self.compile_seconds:.1f}s",
             f"  step: {cfg.train.global_batch_size}{dpo} x {cfg.data.seq_len} tokens, "
@@ -86,6 +88,7 @@ def plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
     capacity = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     return Plan(
         devices=n,
+        mesh=format_rules(cfg.mesh.rules, mesh).splitlines()[0],
         params=param_count(cfg.model),
         tokens_per_step=rows * T,
         flops_per_step=flops_per_token(cfg.model, T) * rows * T,
@@ -100,7 +103,7 @@ def plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
 
 def abstract_batch(cfg: Config, sharding: NamedSharding) -> tuple[dict, dict]:
     """The step's batch shardings and abstract arrays, without reading any data."""
-    from maxllm.train import BATCH_KEYS
+    from maxllm.data import BATCH_KEYS
 
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     if cfg.train.objective == "dpo":
@@ -125,6 +128,4 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 
 def main(cfg: Config) -> None:
-    mesh_line = format_rules(cfg.mesh.rules, make_mesh(cfg.mesh)).splitlines()[0]
-    print(mesh_line)
     print(plan(cfg).report(cfg))

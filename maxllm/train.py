@@ -50,7 +50,7 @@ from maxllm.sample import greedy_generate
 log = logging.getLogger("maxllm.train")
 
 State = dict[str, Any]
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # each (B, T); DPO: (B, 2, T)
+BATCH_KEYS = data_lib.BATCH_KEYS  # each (B, T); DPO's are (B, 2, T)
 
 
 @dataclasses.dataclass
@@ -353,7 +353,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
     with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
         spec = train_state_spec(cfg, mesh)
         data = _train_input(cfg, input_sharding)
-        step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, _batch_shardings(data))
+        step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, data.shardings)
         evaluator = _evaluator(cfg, spec, mesh, input_sharding, data)  # a bad task fails here
         checkpointer = None
         if cfg.checkpoint.enabled:
@@ -397,11 +397,6 @@ def _train_input(cfg: Config, input_sharding: NamedSharding) -> data_lib.TrainIn
     from maxllm.posttrain.train import posttrain_input
 
     return posttrain_input(cfg, input_sharding)
-
-
-def _batch_shardings(data: data_lib.TrainInput) -> dict[str, NamedSharding]:
-    shardings = getattr(data, "shardings", None)
-    return shardings or dict.fromkeys(BATCH_KEYS, data.sharding)
 
 
 def _evaluator(cfg: Config, spec: TrainStateSpec, mesh: Mesh, input_sharding, data) -> Callable | None:

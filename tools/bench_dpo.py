@@ -65,7 +65,7 @@ def child(args) -> dict:
     import jax
 
     from maxllm import train as train_lib
-    from maxllm.mesh import activation_rules, batch_sharding, make_mesh
+    from maxllm.plan import plan
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(args.preset, args.precompute, args.steps, args.pairs, args.seq_len, tmp)
@@ -78,31 +78,17 @@ def child(args) -> dict:
 
         logging.getLogger("maxllm.posttrain").addHandler(Catch())
         logging.getLogger("maxllm.posttrain").setLevel(logging.INFO)
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (cfg.train.global_batch_size, cfg.data.seq_len))
-        with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
-            spec = train_lib.train_state_spec(cfg, mesh)
-            data = train_lib._train_input(cfg, sharding)
-            shardings = train_lib._batch_shardings(data)
-            step = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, shardings)
-            B, T = cfg.train.global_batch_size, cfg.data.seq_len
-            batch = {k: jax.ShapeDtypeStruct((B, 2, T), "float32" if k == "loss_mask" else "int32", sharding=s)
-                     for k, s in shardings.items() if k != "ref_logps"}
-            if "ref_logps" in shardings:
-                batch["ref_logps"] = jax.ShapeDtypeStruct((B, 2), "float32", sharding=shardings["ref_logps"])
-            stats = step.lower(spec.abstract, batch).compile().memory_analysis()
-        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract))
+        step = plan(cfg, jax.devices()[:1])  # the dry run: compiles the step and reads XLA's memory analysis
         start = time.perf_counter()
         result = train_lib.train(cfg, jax.devices()[:1])
         wall = time.perf_counter() - start
         last = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
-    tokens_per_sec = last["tokens_per_sec"]  # over steps 2..N
     return {
-        "steps_per_sec": tokens_per_sec / (2 * B * T),
-        "step_memory_bytes": stats.argument_size_in_bytes + stats.temp_size_in_bytes,
-        "argument_bytes": stats.argument_size_in_bytes,
-        "temp_bytes": stats.temp_size_in_bytes,
-        "state_bytes": state_bytes,
+        "steps_per_sec": last["tokens_per_sec"] / step.tokens_per_step,  # tokens/s over steps 2..N
+        "step_memory_bytes": step.argument_bytes + step.temp_bytes,
+        "argument_bytes": step.argument_bytes,
+        "temp_bytes": step.temp_bytes,
+        "state_bytes": step.state_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "reference_pass_seconds": reference_seconds[0] if reference_seconds else None,
         "final_loss": result.history[args.steps]["loss"],

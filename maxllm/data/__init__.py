@@ -27,7 +27,9 @@ from maxllm.data.sources import DataError, Manifest, jsonl_documents, token_shar
 from maxllm.data.synthetic import SyntheticRows
 from maxllm.tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["DataError", "TrainInput", "EvalInput", "process_rows", "open_tokenizer"]
+__all__ = ["BATCH_KEYS", "DataError", "TrainInput", "EvalInput", "global_batch", "process_rows", "open_tokenizer"]
+
+BATCH_KEYS = pl.BATCH_KEYS
 
 Batch = dict[str, np.ndarray]
 
@@ -57,6 +59,19 @@ def _contiguous(pieces: list[tuple[int, int]], process: int, dim: int) -> tuple[
                 "order the mesh so each process's devices hold one block"
             )
     return pieces[0][0], pieces[-1][1]
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.NamedSharding],
+                 shape: tuple[int, int], cols: slice) -> dict[str, jax.Array]:
+    """Global arrays of `shape[0]` rows from this process's rows, keeping its columns
+    of the length axis (the last, for (B, T) and DPO's (B, 2, T) arrays)."""
+    out = {}
+    for key, sharding in shardings.items():
+        value = local[key]
+        if key in BATCH_KEYS:
+            value = value[..., cols]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, (shape[0], *local[key].shape[1:]))
+    return out
 
 
 def open_tokenizer(cfg: DataConfig, model_vocab: int) -> Tokenizer | None:
@@ -115,6 +130,7 @@ class TrainInput:
         d = cfg.data
         self.shape = (cfg.train.global_batch_size, d.seq_len)
         self.sharding = sharding
+        self.shardings = dict.fromkeys(BATCH_KEYS, sharding)  # per batch key, as the train step takes them
         self.rows, self.cols, self.layout = process_rows(sharding, self.shape)
         self.tokenizer = open_tokenizer(d, cfg.model.vocab_size)
         self.synthetic = d.source == "synthetic"
@@ -147,10 +163,7 @@ class TrainInput:
         else:
             local = pl.to_model_batch(next(self.iterator))
         self.step += 1
-        return {
-            k: jax.make_array_from_process_local_data(self.sharding, v[:, self.cols], self.shape)
-            for k, v in local.items()
-        }
+        return global_batch(local, self.shardings, self.shape, self.cols)
 
     # Checkpointing: the iterator state, plus the layout it is only valid for.
 
@@ -216,8 +229,5 @@ class EvalInput:
 
     def batches(self) -> Iterator[dict[str, jax.Array]]:
         for packed in self.dataset:
-            local = pl.to_model_batch(packed)
-            yield {
-                k: jax.make_array_from_process_local_data(self.sharding, v[self.rows, self.cols], self.shape)
-                for k, v in local.items()
-            }
+            local = {k: v[self.rows] for k, v in pl.to_model_batch(packed).items()}
+            yield global_batch(local, dict.fromkeys(BATCH_KEYS, self.sharding), self.shape, self.cols)

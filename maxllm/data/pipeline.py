@@ -25,6 +25,7 @@ import grain.experimental as gx
 import numpy as np
 
 FEATURES = ("inputs", "targets")
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # the train step's batch: (B, T) each
 
 
 class ChunkDocument(gx.FlatMapTransform):

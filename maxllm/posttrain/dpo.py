@@ -34,11 +34,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxllm.config import DPOConfig
+from maxllm.data.pipeline import BATCH_KEYS
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
-SEQUENCE_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # as maxllm.train.BATCH_KEYS
+SEQUENCE_KEYS = BATCH_KEYS  # each (P, 2, T) in a DPO batch
 
 
 def sequence_logps(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:

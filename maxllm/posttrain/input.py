@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllm.config import Config
-from maxllm.data import TrainInput, pipeline as pl, process_rows
+from maxllm.data import TrainInput, global_batch, pipeline as pl, process_rows
 from maxllm.data.sources import DataError
 from maxllm.posttrain.chat import ChatTemplate
 from maxllm.posttrain.dpo import SEQUENCE_KEYS
@@ -68,6 +68,7 @@ class PosttrainInput(TrainInput):
         self.examples = read_examples(cfg, cfg.data.path, tokenizer, template, missing_template)
         self.eval_examples: list[dict] | None = None  # DPO: held-out pairs (data.eval_path)
         self.eval_ref: np.ndarray | None = None  # and their precomputed reference log-probs
+        self.scorer = None  # DPO: the jitted pair scorer (maxllm.posttrain.train), built once
         self.shardings = batch_shardings(cfg, sharding)
         self.iterator = None
         if self.objective == "sft" or not cfg.dpo.precompute_ref:
@@ -83,14 +84,8 @@ class PosttrainInput(TrainInput):
         rows = self.layout.rows
         if self.objective == "dpo":
             dataset = docs.map(PadPair(d.seq_len, ref_logps)).batch(rows)
-        elif self.cfg.posttrain.packing:
-            packed = gx.FirstFitPackIterDataset(
-                docs.map(_sequence), length_struct={k: d.seq_len for k in ("inputs", "targets", "loss_mask")},
-                num_packing_bins=d.packing_bins or 4 * rows, seed=seed, shuffle_bins=d.shuffle,
-            )
-            dataset = packed.map(pl.to_model_batch).batch(rows)
         else:
-            dataset = docs.map(PadRow(d.seq_len)).batch(rows)
+            dataset = sft_rows(docs, self.cfg, rows, seed, shuffle=d.shuffle).batch(rows)
         self.iterator = iter(gx.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=2))
 
     def next(self) -> dict[str, jax.Array]:
@@ -107,24 +102,30 @@ class SFTEvalInput:
     with empty rows."""
 
     def __init__(self, cfg: Config, data: PosttrainInput):
-        d = cfg.data
         self.data = data
-        examples = read_examples(cfg, d.eval_path, data.tokenizer, data.template, data.missing_template)
+        examples = read_examples(cfg, cfg.data.eval_path, data.tokenizer, data.template, data.missing_template)
         rows = data.shape[0]
-        docs = grain.MapDataset.source(examples).map(_sequence).to_iter_dataset()
-        if cfg.posttrain.packing:
-            packed = gx.FirstFitPackIterDataset(
-                docs, length_struct={k: d.seq_len for k in ("inputs", "targets", "loss_mask")},
-                num_packing_bins=d.packing_bins or 4 * rows, shuffle_bins=False,
-            ).map(pl.to_model_batch)
-        else:
-            packed = docs.map(PadRow(d.seq_len))
-        self.dataset = packed.batch(rows, drop_remainder=False, batch_fn=pl._StackAndPad(rows))
+        docs = grain.MapDataset.source(examples).to_iter_dataset()
+        self.dataset = sft_rows(docs, cfg, rows, seed=0, shuffle=False).batch(
+            rows, drop_remainder=False, batch_fn=pl._StackAndPad(rows))
 
     def batches(self):
         for local in self.dataset:
             local = {k: v[self.data.rows] for k, v in local.items()}
             yield global_batch(local, self.data.shardings, self.data.shape, self.data.cols)
+
+
+def sft_rows(examples: grain.IterDataset, cfg: Config, rows: int, seed: int, shuffle: bool) -> grain.IterDataset:
+    """SFT examples as rows of the train step's batch: packed first-fit
+    (`posttrain.packing`), else one example per row."""
+    T = cfg.data.seq_len
+    if not cfg.posttrain.packing:
+        return examples.map(PadRow(T))
+    packed = gx.FirstFitPackIterDataset(
+        examples.map(_sequence), length_struct={k: T for k in ("inputs", "targets", "loss_mask")},
+        num_packing_bins=cfg.data.packing_bins or 4 * rows, seed=seed, shuffle_bins=shuffle,
+    )
+    return packed.map(pl.to_model_batch)
 
 
 def batch_shardings(cfg: Config, sharding: NamedSharding) -> dict[str, NamedSharding]:
@@ -136,18 +137,6 @@ def batch_shardings(cfg: Config, sharding: NamedSharding) -> dict[str, NamedShar
     out = dict.fromkeys(SEQUENCE_KEYS, NamedSharding(sharding.mesh, PartitionSpec(rows, None, length)))
     if cfg.dpo.precompute_ref:
         out["ref_logps"] = NamedSharding(sharding.mesh, PartitionSpec(rows, None))
-    return out
-
-
-def global_batch(local: dict[str, np.ndarray], shardings: dict, shape: tuple[int, int], cols: slice) -> dict:
-    """Global arrays from this process's rows (and its columns of the length axis)."""
-    out = {}
-    for key, sharding in shardings.items():
-        value = local[key]
-        if value.ndim >= 2 and value.shape[-1] == shape[1] and key != "ref_logps":
-            value = value[..., cols]
-        global_shape = (shape[0], *local[key].shape[1:])
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
 
 

@@ -17,14 +17,7 @@ from maxllm import data as data_lib
 from maxllm.config import Config
 from maxllm.posttrain.chat import TEMPLATE_FILE, ChatTemplate, TemplateError, find_run_dir, resolve_template
 from maxllm.posttrain.dpo import METRICS, SEQUENCE_KEYS, dpo_losses, pair_logps
-from maxllm.posttrain.input import (
-    PosttrainInput,
-    check_reference,
-    global_batch,
-    pair_batches,
-    read_examples,
-    reference_file,
-)
+from maxllm.posttrain.input import PosttrainInput, check_reference, pair_batches, read_examples, reference_file
 from maxllm.tokenizer import Tokenizer
 
 log = logging.getLogger("maxllm.posttrain")
@@ -83,8 +76,7 @@ def run_template(cfg: Config, tokenizer: Tokenizer) -> tuple[ChatTemplate | None
 def posttrain_input(cfg: Config, sharding: NamedSharding) -> PosttrainInput:
     tokenizer = run_tokenizer(cfg)
     template, missing = run_template(cfg, tokenizer)
-    data = PosttrainInput(cfg, sharding, tokenizer, template, missing)
-    return data
+    return PosttrainInput(cfg, sharding, tokenizer, template, missing)
 
 
 # ---------------------------------------------------------------------------------
@@ -93,7 +85,14 @@ def posttrain_input(cfg: Config, sharding: NamedSharding) -> PosttrainInput:
 
 def _pair_scorer(cfg: Config, spec, data: PosttrainInput) -> Callable:
     """(params, pairs in order) -> their sequence log-probs (N, 2), batch by batch
-    (the forward the DPO step uses for its frozen reference)."""
+    (the forward the DPO step uses for its frozen reference). One per run: the
+    reference pass and the held-out evaluation share its compilation."""
+    if data.scorer is None:
+        data.scorer = _build_pair_scorer(cfg, spec, data)
+    return data.scorer
+
+
+def _build_pair_scorer(cfg: Config, spec, data: PosttrainInput) -> Callable:
     shardings = {k: data.shardings[k] for k in SEQUENCE_KEYS}
     replicated = NamedSharding(data.sharding.mesh, PartitionSpec())
     average = cfg.dpo.loss_type == "ipo"
@@ -104,7 +103,7 @@ def _pair_scorer(cfg: Config, spec, data: PosttrainInput) -> Callable:
         out = []
         for batch, real in pair_batches(examples, data.shape[0], data.shape[1]):
             local = {k: v[data.rows] for k, v in batch.items()}
-            out.append(np.asarray(fn(params, global_batch(local, shardings, data.shape, data.cols)))[:real])
+            out.append(np.asarray(fn(params, data_lib.global_batch(local, shardings, data.shape, data.cols)))[:real])
         return np.concatenate(out)
 
     return score
@@ -116,16 +115,10 @@ def reference_logps(cfg: Config, spec, params, data: PosttrainInput, *, fresh: b
     directory; read back when the run resumes."""
     path = reference_file(cfg.run.output_dir)
     eval_path = path.with_name("ref_logps_eval.npy")
-    if not fresh:  # process 0 reads the files of its run directory; every process gets them
-        from jax.experimental import multihost_utils
-
+    if not fresh:
         if data.eval_examples is not None:
-            data.eval_ref = np.asarray(multihost_utils.broadcast_one_to_all(
-                check_reference(eval_path, len(data.eval_examples)) if jax.process_index() == 0
-                else np.zeros((len(data.eval_examples), 2), np.float32)))
-        return np.asarray(multihost_utils.broadcast_one_to_all(
-            check_reference(path, len(data.examples)) if jax.process_index() == 0
-            else np.zeros((len(data.examples), 2), np.float32)))
+            data.eval_ref = _read_saved(eval_path, len(data.eval_examples))
+        return _read_saved(path, len(data.examples))
     start = time.perf_counter()
     score = _pair_scorer(cfg, spec, data)
     ref = score(params, data.examples)
@@ -138,6 +131,14 @@ def reference_logps(cfg: Config, spec, params, data: PosttrainInput, *, fresh: b
     log.info("reference log-probs of %d pairs computed in %.1fs (dpo.precompute_ref), saved to %s",
              len(ref), time.perf_counter() - start, path)
     return ref
+
+
+def _read_saved(path: Path, pairs: int) -> np.ndarray:
+    """Process 0 reads the file in its run directory; every process gets its values."""
+    from jax.experimental import multihost_utils
+
+    mine = check_reference(path, pairs) if jax.process_index() == 0 else np.zeros((pairs, 2), np.float32)
+    return np.asarray(multihost_utils.broadcast_one_to_all(mine))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
