@@ -70,7 +70,8 @@ class LlamaConfig(Section):
     tie_embeddings: bool
     init_std: float
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    attention: Literal["xla", "cudnn"]
+    attention: Literal["xla", "cudnn", "splash"]
+    context_parallel: Literal["all_gather", "ring"]  # attention when mesh.sequence > 1
     scan_layers: bool
     remat: RematPolicy
 

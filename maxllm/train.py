@@ -33,7 +33,9 @@ from maxllm.cli import log_to_stderr
 from maxllm.config import Config, ConfigError, load_config
 from maxllm.hf.adapters import HFError
 from maxllm.mesh import (
+    ShardingError,
     activation_rules,
+    active_rules,
     axis_size,
     batch_sharding,
     format_rules,
@@ -43,6 +45,7 @@ from maxllm.mesh import (
 )
 from maxllm.metrics import MetricsWriter, flops_per_token, param_count, peak_flops
 from maxllm.models import build_model
+from maxllm.models.context import load_balanced_order
 from maxllm.models.layers import compute_dtype
 from maxllm.optim import build_optimizer, learning_rate_schedule
 from maxllm.sample import greedy_generate
@@ -224,7 +227,11 @@ def make_train_step(
         (grads, count, sums), aux = jax.lax.scan(body, init, jax.tree.map(split, batch, dict(batch_shardings)))
         return grads, count, sums, jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
+    order = _context_order(cfg)
+
     def step(state: State, batch: dict) -> tuple[State, dict]:
+        if order is not None:  # the loss sums over tokens: any order gives the same step
+            batch = {k: x[..., order] if k in BATCH_KEYS else x for k, x in batch.items()}
         grads, count, sums, aux = grads_and_sums(state["params"], batch, state.get("ref_params"))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -245,6 +252,20 @@ def make_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
+
+
+def _context_order(cfg: Config) -> np.ndarray | None:
+    """With rows split over the sequence axis, the load-balanced order of a row's
+    tokens (maxllm.models.context); None when rows are not split or the family
+    reads tokens in order (Mamba's scan)."""
+    rules, mesh = active_rules()
+    shards = axis_size("length", rules, mesh)
+    if shards == 1 or cfg.model.family == "mamba":
+        return None
+    if cfg.data.seq_len % (2 * shards):
+        raise ShardingError(f"data.seq_len={cfg.data.seq_len} must be a multiple of 2 x mesh.sequence "
+                            f"({2 * shards}): each device takes an early and a late chunk of every row")
+    return load_balanced_order(cfg.data.seq_len, shards)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any, input_sharding: NamedSharding):

@@ -3,6 +3,9 @@
 - `xla`: an explicit einsum with a dense mask; the reference, runs anywhere.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's flash
   kernel on NVIDIA GPUs (bfloat16/float16 only).
+- `splash`: JAX's Pallas splash-attention kernel for TPU (block-sparse flash
+  attention: blocks above the causal diagonal are never computed). Off TPU it
+  runs in Pallas interpret mode, which is exact but slow: for tests.
 
 Which keys a query sees is given by segment ids and positions, never by a mask
 the caller builds: a query attends to keys of its own segment at positions not
@@ -21,7 +24,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-Backend = Literal["xla", "cudnn"]
+Backend = Literal["xla", "cudnn", "splash"]
 
 
 class AttentionMask(NamedTuple):
@@ -51,7 +54,11 @@ def attention(
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask)
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask)
-    raise ValueError(f"unknown attention backend {backend!r}; use xla or cudnn")
+    if backend == "splash":
+        if not mask.self_attention:  # the kernel's mask is causal by index
+            return _xla(q_BTNH, k_BSKH, v_BSKH, mask)
+        return _splash(q_BTNH, k_BSKH, v_BSKH, mask)
+    raise ValueError(f"unknown attention backend {backend!r}; use xla, cudnn or splash")
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
@@ -113,3 +120,57 @@ def _flash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, implementation: str) -> 
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask.dense(), implementation=implementation
     )
+
+
+def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Causal self-attention through the splash kernel. A Pallas kernel is not
+    partitioned by XLA: on a mesh, each device runs it on its own rows and heads
+    (`jax.shard_map` with the activation rules' specs)."""
+    from maxllm.mesh import active_rules, logical_to_spec
+
+    active = active_rules()
+    if active is None:
+        return _splash_local(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, mask.kv_segment_ids)
+    rules, mesh = active
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh, q_BTNH.shape, "queries")
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape, "keys")
+    row_spec = logical_to_spec(("batch", "length"), rules, mesh)
+    return jax.shard_map(
+        _splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec,
+        check_vma=False,
+    )(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, mask.kv_segment_ids)
+
+
+def _splash_local(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS) -> jax.Array:
+    """The kernel on whole rows, one (row, kv head) at a time: its MQA form takes
+    the G query heads that share a key head. Segment ids keep packed documents
+    apart, as in the other backends."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    G = N // K
+    block = _splash_block(T)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mqa_single_device(
+        masks.MultiHeadMask([masks.CausalMask((T, T))] * G),
+        block_sizes=sizes,
+        interpret=jax.default_backend() != "tpu",
+    )
+    q_BKGTH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH = k_BSKH.transpose(0, 2, 1, 3)
+    v_BKTH = v_BSKH.transpose(0, 2, 1, 3)
+    segments_B = splash.SegmentIds(q=q_segment_ids_BT, kv=kv_segment_ids_BS)
+    per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over the K key heads of one row
+    out_BKGTH = jax.vmap(per_head)(q_BKGTH, k_BKTH, v_BKTH, segments_B)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _splash_block(length: int) -> int:
+    """The kernel's tile: 512 (its default) or the whole row when shorter; the
+    length must be a multiple of 128, the TPU's lane width."""
+    if length % 128:
+        raise ValueError(f"attention=splash needs a length that is a multiple of 128, got {length}")
+    return min(512, length) if length % min(512, length) == 0 else 128

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxllm.config import LlamaConfig
-from maxllm.mesh import constrain
+from maxllm.mesh import constrain, is_sharded
 from maxllm.models.attention import AttentionMask, attention, cached_attention
+from maxllm.models.context import context_attention
 from maxllm.models.layers import (
     Embed,
     RMSNorm,
@@ -75,7 +76,10 @@ class Attention(nnx.Module):
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
         k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
-        if kv_cache is None:
+        if kv_cache is None and is_sharded("length"):
+            out_BTNH = context_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                                         self.cfg.context_parallel, self.cfg.attention)
+        elif kv_cache is None:
             mask = AttentionMask(segment_ids_BT, positions_BT, segment_ids_BT, positions_BT, True)
             out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, self.cfg.attention)
         else:
