@@ -77,7 +77,7 @@ def test_unknown_section_suggests():
 def test_bad_type_and_bad_choice_name_key_and_allowed():
     with pytest.raises(ConfigError, match=r"'train.steps': Input should be a valid integer.*got 'many'"):
         load_config(TINY, ["train.steps=many"])
-    with pytest.raises(ConfigError, match=r"'model.attention': Input should be 'xla' or 'cudnn'"):
+    with pytest.raises(ConfigError, match=r"'model.attention': Input should be 'xla', 'cudnn' or 'splash'"):
         load_config(TINY, ["model.attention=flash"])
     with pytest.raises(ConfigError, match=r"'mesh.rules'.*names mesh axis 'fdsp'"):
         load_config(TINY, ["mesh.rules.params.embed=fdsp"])

@@ -32,7 +32,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from maxllm.mesh import active_rules, logical_to_spec
 from maxllm.models.attention import AttentionMask, Backend, attention
