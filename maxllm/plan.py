@@ -220,6 +220,8 @@ def not_modelled(cfg: Config) -> str | None:
         return f"model.family={cfg.model.family} (the estimate models the dense llama family)"
     if cfg.model.remat != "full":
         return f"model.remat={cfg.model.remat} (the estimate models remat full)"
+    if cfg.mesh.sequence != 1:
+        return "mesh.sequence != 1 (the estimate does not model context parallelism yet)"
     if cfg.train.objective == "dpo":
         return "train.objective=dpo (the estimate models one forward per row)"
     if cfg.train.grad_accum_steps != 1:

@@ -91,6 +91,8 @@ def test_estimate_sizes_a_pod_without_its_devices():
     assert head["saved activations"] == 32 * 1 * 2048 * 4096 * 2
     assert head["head weight, gathered"] == 4096 * 128256 * 2
     assert est.largest == "LM head backward"  # the state is small next to one row's logits at 256 devices
+    # context parallelism is not modelled: no number rather than a wrong one
+    assert "mesh.sequence" in not_modelled(load_config(DRY_RUN_8B, ["mesh.sequence=2", "mesh.fsdp=4"]))
 
 
 def test_dry_run_of_dpo_counts_the_frozen_reference(tmp_path):
