@@ -251,6 +251,8 @@ class TrainConfig(Section):
     init_from: str | None  # a run directory, a checkpoint directory or a Hugging Face folder
     global_batch_size: PositiveInt
     grad_accum_steps: PositiveInt
+    microbatches: PositiveInt | None  # pipeline microbatches (mesh.stage > 1); None: mesh.stage
+    pipeline_repeats: PositiveInt  # > 1: a circular pipeline, each stage holding this many chunks
     lr: float
     schedule: Literal["cosine", "wsd", "constant"]
     warmup_steps: NonNegativeInt

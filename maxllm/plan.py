@@ -48,9 +48,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from maxllm.config import Config
 from maxllm.mesh import (
-    activation_rules,
     axis_size,
-    batch_sharding,
     format_rules,
     logical_to_spec,
     make_mesh,
@@ -116,10 +114,9 @@ def plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
     platform = mesh.devices.flat[0].platform
     analytic = None if not_modelled(cfg) else estimate(cfg, mesh, platform)
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
-    batch_sharding(cfg.mesh.rules.activations, mesh, (B // cfg.train.grad_accum_steps, T))
-    sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (B, T))
+    sharding = train_lib.input_layout(cfg, mesh)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
+    with train_lib.step_context(cfg, mesh):
         spec = train_lib.train_state_spec(cfg, mesh)
         shardings, batch = abstract_batch(cfg, sharding)
         step = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, shardings)
@@ -222,6 +219,8 @@ def not_modelled(cfg: Config) -> str | None:
         return f"model.remat={cfg.model.remat} (the estimate models remat full)"
     if cfg.mesh.sequence != 1:
         return "mesh.sequence != 1 (the estimate does not model context parallelism yet)"
+    if cfg.mesh.stage != 1:
+        return "mesh.stage != 1 (the estimate does not model the pipeline's microbatch buffers yet)"
     if cfg.train.objective == "dpo":
         return "train.objective=dpo (the estimate models one forward per row)"
     if cfg.train.grad_accum_steps != 1:

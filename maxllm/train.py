@@ -11,6 +11,7 @@ checkpoints on a cadence, saves on SIGTERM and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxllm import data as data_lib
+from maxllm import storage
 from maxllm.checkpoint import Checkpointer, checkpoint_dir
 from maxllm.cli import log_to_stderr
 from maxllm.config import Config, ConfigError, load_config
@@ -44,7 +46,7 @@ from maxllm.mesh import (
     param_shardings,
 )
 from maxllm.metrics import MetricsWriter, flops_per_token, param_count, peak_flops
-from maxllm.models import build_model
+from maxllm.models import build_model, pipeline
 from maxllm.models.context import load_balanced_order
 from maxllm.models.layers import compute_dtype
 from maxllm.optim import build_optimizer, learning_rate_schedule
@@ -363,15 +365,12 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
             update={"tokenizer": str(Path(run_tokenizer(cfg).path).resolve())})})
     out_dir = cfg.run.output_dir
     if jax.process_index() == 0:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.yml").write_text(cfg.to_yaml())
+        storage.makedirs(out_dir)
+        storage.write_text(storage.join(out_dir, "config.yml"), cfg.to_yaml())
     log.info("%s", format_rules(cfg.mesh.rules, mesh))
-    B, T = cfg.train.global_batch_size, cfg.data.seq_len
-    # The microbatch must split over the batch axes too; this raises if it does not.
-    batch_sharding(cfg.mesh.rules.activations, mesh, (B // cfg.train.grad_accum_steps, T))
-    input_sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (B, T))
+    input_sharding = input_layout(cfg, mesh)
 
-    with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
+    with step_context(cfg, mesh):
         spec = train_state_spec(cfg, mesh)
         data = _train_input(cfg, input_sharding)
         step_fn = make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings, data.shardings)
@@ -410,6 +409,38 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
         raise Preempted()
     samples = _sample(cfg, spec.graphdef, state["params"], data.tokenizer)
     return RunResult(history, state, spec.graphdef, start, samples)
+
+
+def input_layout(cfg: Config, mesh: Mesh) -> NamedSharding:
+    """The sharding of a step's (B, T) input arrays, after checking that the batch,
+    its accumulation microbatches and their pipeline microbatches all split over
+    the batch axes (a ShardingError or ConfigError naming the keys if not)."""
+    rules = cfg.mesh.rules.activations
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    rows = B // cfg.train.grad_accum_steps
+    batch_sharding(rules, mesh, (rows, T))
+    stages = mesh.shape["stage"]
+    if stages > 1:
+        rows *= 2 if cfg.train.objective == "dpo" else 1  # a pair is two rows
+        problem = pipeline.check(cfg.model.num_layers, rows, stages, cfg.train.microbatches,
+                                 cfg.train.pipeline_repeats)
+        if problem:
+            raise ConfigError(problem)
+        m = cfg.train.microbatches or stages
+        try:
+            batch_sharding(rules, mesh, (rows // m, T))
+        except ShardingError as e:
+            raise ShardingError(f"a pipeline microbatch ({rows} rows / train.microbatches={m}): {e}") from None
+    return batch_sharding(rules, mesh, (B, T))
+
+
+@contextlib.contextmanager
+def step_context(cfg: Config, mesh: Mesh) -> Iterator[None]:
+    """What the step is traced under: the mesh, the activation rules and the
+    pipeline schedule."""
+    with (jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh),
+          pipeline.schedule(cfg.train.microbatches, cfg.train.pipeline_repeats)):
+        yield
 
 
 def _train_input(cfg: Config, input_sharding: NamedSharding) -> data_lib.TrainInput:

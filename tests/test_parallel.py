@@ -139,3 +139,62 @@ def test_splash_training_on_a_mesh_equals_xla(tiny, tmp_path):
     for step in xla:
         assert splash[step]["loss"] == pytest.approx(xla[step]["loss"], rel=1e-5), f"step {step}"
         assert splash[step]["grad_norm"] == pytest.approx(xla[step]["grad_norm"], rel=1e-5), f"step {step}"
+
+
+# ---------------------------------------------------------------------------------
+# Pipeline parallelism
+
+PIPELINES = {
+    "stage=2,M=4": dict(stage=2, fsdp=4, microbatches=4),
+    "stage=2,M=8": dict(stage=2, fsdp=4, microbatches=8),
+    "stage=4,M=4": dict(stage=4, fsdp=2, microbatches=4),
+    "stage=4,M=8": dict(stage=4, fsdp=2, microbatches=8),
+    "stage=4,M=8,circular R=2": dict(stage=4, fsdp=2, microbatches=8, repeats=2),
+    "stage=2,fsdp=2,tensor=2,M=4": dict(stage=2, fsdp=2, tensor=2, microbatches=4),
+}
+
+
+def _deep(out, layout: dict) -> list[str]:
+    """The tiny model with 8 layers (they split into 2 or 4 stages, and 4 x 2 chunks)."""
+    return [f"run.output_dir={out}", "model.num_layers=8", "train.global_batch_size=32",
+            *(f"mesh.{a}={layout.get(a, 1)}" for a in MESH_AXES),
+            f"train.microbatches={layout.get('microbatches')}", f"train.pipeline_repeats={layout.get('repeats', 1)}"]
+
+
+@pytest.fixture(scope="module")
+def deep_single_device(tmp_path_factory):
+    from maxllm.config import load_config
+
+    from conftest import TINY
+
+    cfg = load_config(TINY, _deep(tmp_path_factory.mktemp("single"), {"microbatches": "null"}))
+    return train(cfg, devices=jax.devices()[:1]).history
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_losses_equal_single_device(name, tiny, tmp_path, deep_single_device):
+    result = train(tiny(*_deep(tmp_path, PIPELINES[name])))
+    print(f"\n{name} vs one device: " + ", ".join(
+        f"{result.history[s]['loss']:.6f}/{deep_single_device[s]['loss']:.6f}" for s in deep_single_device))
+    for step, expected in deep_single_device.items():
+        got = result.history[step]
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"step {step}"
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5), f"step {step}"
+    # The stack is split over the stages: each holds L/S layers of every parameter.
+    wq = result.state["params"]["layers"]["attn"]["wq"]
+    assert wq.sharding.spec[0] == "stage"
+    assert wq.sharding.shard_shape(wq.shape)[0] == 8 // PIPELINES[name]["stage"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_layers=6", "mesh.stage=4", "mesh.fsdp=2"], "num_layers=6 does not split into mesh.stage=4"),
+    (["model.num_layers=8", "mesh.stage=4", "mesh.fsdp=2", "train.microbatches=2", "train.pipeline_repeats=2"],
+     "needs train.microbatches >= mesh.stage"),
+    (["model.num_layers=8", "mesh.stage=2", "mesh.fsdp=4", "train.microbatches=3"],
+     "do not split into train.microbatches=3"),
+])
+def test_pipeline_layout_errors_name_the_keys(overrides, message, tiny, tmp_path):
+    from maxllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(tiny(f"run.output_dir={tmp_path}", "train.global_batch_size=32", *overrides))

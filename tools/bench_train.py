@@ -8,6 +8,16 @@ in one run.
         --attention cudnn --seq-len 4096 --batch 8 --no-torch    # one GPU: MFU
     python tools/bench_train.py --presets moe-3b --dtype bfloat16 --remat full \
         --seq-len 2048 --batch 8 --no-torch           # one GPU: MoE MFU, both dispatch paths
+    python tools/bench_train.py --stages 1,2,4 --microbatches 8   # pipeline bubble, 8 devices
+
+With `--stages`, maxllm alone runs the quickstart shape deepened to 8 layers on
+8 devices (on a CPU, 8 host-platform devices) once per stage count S, with
+mesh.stage=S, the rest fsdp, and the same global batch, and prints each step
+time beside the bubble a pipeline of M microbatches should have, (S-1)/(M+S-1).
+The measured bubble is 1 - t(S=1)/t(S): at equal global batch every layout does
+the same useful work per device, and a pipeline adds S-1 idle ticks of M+S-1.
+(On a CPU the 8 devices share the cores, so an idle tick is not idle: the bubble
+is computed on garbage and costs the same time, which measures it just as well.)
 
 A preset of the mixtral family runs once per `--dispatch` mode (default both).
 
@@ -36,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 # step under ~20 s on two cores.
 DEFAULTS = {"quickstart": (32, 128), "smollm-135m": (4, 512), "quickstart-moe": (32, 128), "tiny-moe": (8, 128),
             "quickstart-mamba": (32, 128)}
+PIPELINE_LAYERS = 8  # --stages: the quickstart shape with this many layers (divides 1, 2, 4 and 8 stages)
 TOP_LEVEL = {"quickstart", "quickstart-moe", "quickstart-mamba"}  # configs/<name>.yml; the others are configs/models/
 
 
@@ -45,6 +56,9 @@ def _model_config(preset: str, args) -> object:
     paths = [ROOT / "configs" / "base.yml"]
     paths.append(ROOT / "configs" / (f"{preset}.yml" if preset in TOP_LEVEL else f"models/{preset}.yml"))
     overrides = [f"model.dtype={args.dtype}", f"model.remat={args.remat}"]
+    if getattr(args, "stage", None):
+        overrides += [f"mesh.stage={args.stage}", "mesh.fsdp=-1", f"model.num_layers={PIPELINE_LAYERS}",
+                      f"train.microbatches={args.microbatches}"]
     if "attention" in type(load_config(paths).model).model_fields:  # not Mamba's
         overrides.append(f"model.attention={args.attention}")
     if getattr(args, "mode", None):
@@ -59,7 +73,7 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
     import numpy as np
 
     from maxllm import train as train_lib
-    from maxllm.mesh import activation_rules, batch_sharding, make_mesh
+    from maxllm.mesh import make_mesh
 
     cfg = _model_config(preset, args)
     cfg = cfg.model_copy(update={
@@ -67,10 +81,10 @@ def run_maxllm(preset: str, batch: int, seq: int, args) -> dict:
         "train": cfg.train.model_copy(update={"global_batch_size": batch}),
     })
     mesh = make_mesh(cfg.mesh)
-    with jax.set_mesh(mesh), activation_rules(cfg.mesh.rules.activations, mesh):
+    sharding = train_lib.input_layout(cfg, mesh)
+    with train_lib.step_context(cfg, mesh):
         spec = train_lib.train_state_spec(cfg, mesh)
         state = spec.init()
-        sharding = batch_sharding(cfg.mesh.rules.activations, mesh, (batch, seq))
         step_fn = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings,
                                             dict.fromkeys(train_lib.BATCH_KEYS, sharding))
         rng = np.random.default_rng(0)
@@ -195,7 +209,12 @@ def _spawn(side: str, preset: str, batch: int, seq: int, args) -> dict:
         cmd += ["--mode", args.mode]
     if args.scan is not None:
         cmd += ["--scan", args.scan]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = None
+    if args.stage:
+        cmd += ["--stage", str(args.stage), "--microbatches", str(args.microbatches)]
+        if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{side} {preset} failed:\n{proc.stderr[-3000:]}")
@@ -219,9 +238,14 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one MoE dispatch mode, for a child
+    parser.add_argument("--stages", help="pipeline bubble: comma-separated stage counts, e.g. 1,2,4")
+    parser.add_argument("--microbatches", type=int, default=8, help="--stages: pipeline microbatches")
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # one stage count, for a child
     args = parser.parse_args()
     if args.child:
         return _child(args)
+    if args.stages:
+        return _pipeline_bubble(args)
 
     rows = []
     for preset in args.presets.split(","):
@@ -246,6 +270,31 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _pipeline_bubble(args) -> None:
+    """Step time against stage count at equal global batch (see the docstring)."""
+    batch, seq = args.batch or 32, args.seq_len or 128
+    M = args.microbatches
+    rows = []
+    for S in (int(s) for s in args.stages.split(",")):
+        args.stage = S
+        result = _spawn("maxllm", "quickstart", batch, seq, args)
+        rows.append({"stages": S, "microbatches": M, "estimate": (S - 1) / (M + S - 1), **result})
+    base = next((r for r in rows if r["stages"] == 1), None)
+    print(f"quickstart shape, {PIPELINE_LAYERS} layers, B={batch} T={seq}, M={M} microbatches, "
+          f"{rows[0]['device']}")
+    print(f"{'stages':>6} {'step s':>8} {'vs S=1':>7} {'bubble':>7} {'(S-1)/(M+S-1)':>14}")
+    for r in rows:
+        ratio = r["step_seconds"] / base["step_seconds"] if base else None
+        r["measured"] = 1 - 1 / ratio if ratio else None
+        print(f"{r['stages']:>6} {r['step_seconds']:8.3f} " + (f"{ratio:7.2f} {r['measured']:7.1%}" if ratio else " " * 15)
+              + f" {r['estimate']:14.1%}", flush=True)
+    report = {"date": datetime.date.today().isoformat(), "host": f"{platform.machine()}, {os.cpu_count()} cores",
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "pipeline": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

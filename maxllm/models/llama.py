@@ -28,6 +28,7 @@ from flax import nnx
 from maxllm.config import LlamaConfig
 from maxllm.mesh import constrain, is_sharded
 from maxllm.models.attention import AttentionMask, attention, cached_attention
+from maxllm.models import pipeline
 from maxllm.models.context import context_attention
 from maxllm.models.layers import (
     Embed,
@@ -183,27 +184,40 @@ class Llama(nnx.Module):
         """`aux` from the layers' statistics, stacked over layers (L, ...)."""
         return {}
 
+    def _stack(self, graphdef, stacked, x_BTD, positions_BT, segment_ids_BT, train):
+        """The layers of `stacked` (leading dimension: layers) applied in order,
+        with the remat policy; their statistics stacked (layers, ...)."""
+
+        def body(x_BTD, params):
+            x_BTD, _, stats = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, None, train)
+            return x_BTD, stats
+
+        body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, x_BTD, stacked)
+        per_layer = []
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            x_BTD, stats = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
+            per_layer.append(stats)
+        return x_BTD, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+
     def _run_layers(self, x_BTD, positions_BT, segment_ids_BT, cache, train=False):
         """Scans (or loops) one block over the stacked layer parameters. A decode
         cache holds one key and one value buffer per layer; unrolled, each layer
         writes its new rows into its own buffers in place and reads them without a
         copy (a slice of a stacked cache would be copied every step)."""
         graphdef, stacked = nnx.split(self.layers)
+        if cache is None and pipeline.num_stages() > 1:
+            if type(self).aux is not Llama.aux:
+                raise ValueError(f"mesh.stage > 1 is not supported for the {self.cfg.family} family: its "
+                                 "layers' statistics (auxiliary losses) are not carried through the pipeline")
+
+            def run_stage(chunk, x_BTD, positions_BT, segment_ids_BT):
+                return self._stack(graphdef, chunk, x_BTD, positions_BT, segment_ids_BT, train)[0]
+
+            return pipeline.pipeline(run_stage, stacked, x_BTD, positions_BT, segment_ids_BT), None, {}
         if cache is None:
-
-            def body(x_BTD, params):
-                x_BTD, _, stats = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, None, train)
-                return x_BTD, stats
-
-            body = remat(body, self.cfg.remat, scanned=self.cfg.scan_layers)
-            if self.cfg.scan_layers:
-                x_BTD, stats_L = jax.lax.scan(body, x_BTD, stacked)
-            else:
-                per_layer = []
-                for i in range(self.cfg.num_layers):
-                    x_BTD, stats = body(x_BTD, jax.tree.map(lambda a: a[i], stacked))
-                    per_layer.append(stats)
-                stats_L = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+            x_BTD, stats_L = self._stack(graphdef, stacked, x_BTD, positions_BT, segment_ids_BT, train)
             return x_BTD, None, stats_L
 
         def decode_body(x_BTD, layer):
