@@ -1,6 +1,7 @@
-"""Two JAX processes (4 CPU devices each) run one job: the same command on both,
-each reading only its own rows and its own part of the data, checkpoints written
-together; the losses equal a single-device run."""
+"""Two or four JAX processes (8 CPU devices in all) run one job: the same command
+on each, each reading only its own rows and its own part of the data, checkpoints
+written together; the losses equal a single-device run, and a checkpoint resumes
+on another mesh and another number of processes."""
 
 import collections
 import json
@@ -28,14 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out, port, *extra):
+def _launch(out, port, *extra, processes=2):
+    """`processes` processes with 8 devices in all, mesh fsdp=4 x data=2 unless
+    `extra` overrides it."""
     procs = []
-    for rank in range(2):
+    for rank in range(processes):
         env = {
             **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "JAX_NUM_PROCESSES": "2",
+            "JAX_NUM_PROCESSES": str(processes),
             "JAX_PROCESS_ID": str(rank),
         }
         cmd = [sys.executable, "-m", "maxllm.train", "--config", str(TINY), f"run.output_dir={out}",
@@ -68,6 +71,40 @@ def test_two_processes_equal_one_device(tiny, tmp_path):
     for row in rows:
         assert row["loss"] == pytest.approx(expected[row["step"]], rel=1e-5)
     assert (out / "checkpoints" / "5").is_dir()
+
+
+def test_four_processes_equal_one_device(tiny, tmp_path):
+    expected = train(tiny(f"run.output_dir={tmp_path / 'single'}"), devices=jax.devices()[:1]).losses
+
+    out = tmp_path / "multi"
+    errs = _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "mesh.fsdp=4", "mesh.data=1",
+                         "mesh.tensor=2", processes=4))
+    assert all(f"jax.distributed: process {i} of 4" in e for i, e in enumerate(errs))
+    rows = _rows(out)
+    print("\n4 processes:", [round(r["loss"], 6) for r in rows], "one device:", [round(expected[s], 6) for s in sorted(expected)])
+    assert [r["step"] for r in rows] == sorted(expected)
+    for row in rows:
+        assert row["loss"] == pytest.approx(expected[row["step"]], rel=1e-5)
+    assert (out / "checkpoints" / "5").is_dir()
+
+
+def test_checkpoint_of_two_processes_resumes_on_four_with_another_mesh(tiny, tmp_path):
+    """Written by 2 processes on fsdp=4 x tensor=2, resumed by 4 processes on
+    fsdp=8: every parameter and moment is resharded on restore, and steps 6-10
+    equal the uninterrupted single-device run."""
+    constant = "train.schedule=constant"
+    expected = train(tiny(f"run.output_dir={tmp_path / 'single'}", "train.steps=10", constant),
+                     devices=jax.devices()[:1]).losses
+    out = tmp_path / "run"
+    _wait(_launch(out, _free_port(), "train.steps=5", constant, "mesh.fsdp=4", "mesh.data=1", "mesh.tensor=2"))
+    errs = _wait(_launch(out, _free_port(), "train.steps=10", constant, "mesh.fsdp=8", "mesh.data=1",
+                         processes=4))
+    assert all("resumed from checkpoint step 5" in e for e in errs)
+    rows = {r["step"]: r["loss"] for r in _rows(out)}
+    print("\nresumed on 4 processes, fsdp=8:", [round(rows[s], 6) for s in range(6, 11)],
+          "uninterrupted:", [round(expected[s], 6) for s in range(6, 11)])
+    for step in range(1, 11):
+        assert rows[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
