@@ -2,10 +2,11 @@
 resolved config, saved together, asynchronously, on a cadence.
 
 Orbax writes each step into a temporary directory and renames it once every file
-is on disk, so a step directory without the temporary suffix is complete. A save
-cut short (a killed process, a preempted host) leaves only the temporary one: it
-is skipped with a warning and removed, and the run resumes from the newest
-complete step.
+is on disk, so a step directory without the temporary suffix is complete; on gs://,
+which cannot rename a directory, it writes the step directory in place and adds
+`commit_success.txt` last. A save cut short (a killed process, a preempted host)
+leaves a step that is not finalized: it is skipped with a warning and removed, and
+the run resumes from the newest complete step.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from maxllm import storage
 from maxllm.config import CheckpointConfig, ConfigError
 
 log = logging.getLogger(__name__)
-
-_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointMismatch(ConfigError):
@@ -41,6 +41,8 @@ class Checkpointer:
         """`extra_handlers`: more items saved beside the state (the data iterator's)."""
         # Orbax (tensorstore) wants absolute local paths.
         self.directory = epath.Path(directory if "://" in directory else Path(directory).absolute())
+        if storage.is_remote(directory):
+            storage.check_bucket(directory)
         self.cfg = cfg
         self.config_dict = config_dict
         self._warn_unfinished()
@@ -56,7 +58,7 @@ class Checkpointer:
         if not self.directory.exists():
             return
         for child in sorted(self.directory.iterdir()):
-            if _TMP_MARKER in child.name:
+            if child.name[:1].isdigit() and ocp.path.step.is_path_temporary(child):
                 log.warning(
                     "skipping unfinished checkpoint %s (a save that did not complete); "
                     "resuming from the newest complete step instead",
@@ -141,7 +143,8 @@ class StateReader:
     def __init__(self, directory: str, step: int | None = None):
         root = epath.Path(directory if "://" in directory else Path(directory).absolute())
         if step is None:
-            steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+            steps = sorted(int(p.name) for p in root.iterdir()
+                           if p.name.isdigit() and ocp.path.step.is_path_finalized(p)) if root.exists() else []
             if not steps:
                 raise ConfigError(f"{root}: no complete checkpoint")
             step = steps[-1]

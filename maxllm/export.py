@@ -1,6 +1,6 @@
 """Export a run to a Hugging Face folder.
 
-    python -m maxllm.export --run RUN_DIR [--step N] --out HF_DIR
+    python -m maxllm.export --run RUN_DIR [--step N] --out HF_DIR   (either may be gs://)
         [--dtype bfloat16|float32] [--max-shard-size 5GB] [--chat-template FILE]
         [--overwrite] [--push-to-hub REPO_ID [--private]]
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from maxllm.cli import log_to_stderr
 
@@ -34,17 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_to_stderr("maxllm")
 
+    from maxllm import storage
     from maxllm.config import ConfigError
     from maxllm.data import DataError
     from maxllm.hf import HFError, export_run, push_to_hub
 
     try:
+        if args.push_to_hub and storage.is_remote(args.out):
+            raise HFError(f"--push-to-hub uploads a local folder; {args.out} is not one (export to a local --out)")
         template = None
         if args.chat_template:
-            path = Path(args.chat_template)
-            if not path.is_file():
-                raise HFError(f"{path}: chat template file not found")
-            template = path.read_text()
+            if not storage.isfile(args.chat_template):
+                raise HFError(f"{args.chat_template}: chat template file not found")
+            template = storage.read_text(args.chat_template)
         out = export_run(args.run, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
                          chat_template=template, overwrite=args.overwrite)
         print(f"wrote {out}")

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import jax
 
+from maxllm import storage
 from maxllm.config import LlamaConfig
 
 
@@ -98,7 +98,9 @@ def peak_flops(device: jax.Device, dtype: Any) -> float | None:
 class MetricsWriter:
     """One stdout line, `metrics.jsonl` and TensorBoard scalars per logged step,
     written by process 0. On a resume from `resume_step`, rows of later steps (from
-    the interrupted run) are dropped first, so each step appears once."""
+    the interrupted run) are dropped first, so each step appears once. In a gs://
+    `output_dir` both files are objects rewritten every few seconds and at the end
+    (`storage.ObjectLog`)."""
 
     def __init__(
         self,
@@ -113,17 +115,19 @@ class MetricsWriter:
         self.tb = None
         if jax.process_index() != 0:
             return
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = str(output_dir)
+        storage.makedirs(out)
         if jsonl:
-            path = out / "metrics.jsonl"
-            _drop_rows_after(path, resume_step)
-            self.jsonl = open(path, "a")
+            path = storage.join(out, "metrics.jsonl")
+            self.jsonl = storage.open_log(path, _rows_up_to(path, resume_step))
         if tensorboard:
             from tensorboardX import SummaryWriter
+            from tensorboardX.record_writer import register_writer_factory
 
+            register_writer_factory("gs", _EventObjects())
             # purge_step hides events of steps >= it left by an interrupted run.
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            purge = resume_step + 1 if resume_step else None
+            self.tb = SummaryWriter(storage.join(out, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -154,22 +158,32 @@ class MetricsWriter:
         self.close()
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
-    """Rewrites `path` (atomically) without rows of steps after `step`; a torn last
-    line from a killed run goes too."""
-    if not path.exists():
-        return
+class _EventObjects:
+    """tensorboardX's writer factory for gs:// event files: `storage.ObjectLog`, which
+    uploads at most every few seconds. (tensorboardX's own GCS writer uploads the
+    whole file on every flush, and again when it is garbage collected.)"""
+
+    def open(self, path: str) -> storage.ObjectLog:
+        return storage.ObjectLog(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # an object store has no directories
+
+
+def _rows_up_to(path: str, step: int) -> str | None:
+    """The text of `path` without rows of steps after `step` (None: no file); a torn
+    last line from a killed run goes too."""
+    if not storage.exists(path):
+        return None
     kept = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    return "".join(line + "\n" for line in kept)
 
 
 def _format_line(step: int, m: dict[str, Any]) -> str:

@@ -28,7 +28,13 @@ class Tokenizer(abc.ABC):
 
     @staticmethod
     def load(path: str | Path) -> "Tokenizer":
-        """A sentencepiece `.model`, or a `tokenizer.json` (or a folder holding one)."""
+        """A sentencepiece `.model`, or a `tokenizer.json` (or a folder holding one);
+        on gs://, read from a local copy."""
+        from maxllm import storage
+
+        if storage.is_remote(str(path)):
+            url = str(path)
+            path = storage.local_copy(storage.join(url, "tokenizer.json") if storage.isdir(url) else url)
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

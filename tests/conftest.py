@@ -28,23 +28,70 @@ def _eight_devices():
 
 
 @pytest.fixture(scope="session")
-def gcs():
-    """A GCS emulator on localhost; yields a gs:// bucket URL. gcsfs reaches it
-    through STORAGE_EMULATOR_HOST (set for this process and its children)."""
+def gcs(tmp_path_factory):
+    """A GCS emulator on localhost; yields a gs:// bucket URL. Set for this process
+    and its children: gcsfs (and google-cloud-storage) reach it through
+    STORAGE_EMULATOR_HOST, tensorstore (Orbax's checkpoints) through
+    TENSORSTORE_GCS_HTTP_URL with a dummy token; local copies of gs:// data go to a
+    temporary MAXLLM_CACHE_DIR."""
     import socket
 
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no gRPC bucket probing (read at import)
     pytest.importorskip("gcsfs")
     from gcp_storage_emulator.server import create_server
 
+    _serve_generations()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="maxllm-test")
     server.start()
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no gRPC bucket probing
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{port}"
+    os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
+    os.environ["MAXLLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("maxllm-cache"))
     yield "gs://maxllm-test"
     server.stop()
+
+
+def _serve_generations() -> None:
+    """What tensorstore's reads need and gcp_storage_emulator's downloads leave out,
+    as GCS does it: an x-goog-generation header, 304 for ifGenerationNotMatch the
+    current generation, 412 for an ifGenerationMatch that fails (0: only if absent).
+    Without them Orbax's checkpoint writes fail at random with "Malformed
+    StorageGeneration"."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+    if getattr(download, "serves_generations", False):
+        return
+
+    def with_generations(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            obj = None
+        generation = obj["generation"] if obj else "0"
+        match, not_match = (request.query.get(k, [None])[0] for k in ("ifGenerationMatch", "ifGenerationNotMatch"))
+        if match is not None and match != generation:
+            response.status = HTTPStatus.PRECONDITION_FAILED
+        elif obj and not_match == generation:
+            response.status = HTTPStatus.NOT_MODIFIED
+        else:
+            download(request, response, storage, *args, **kwargs)
+            if obj:
+                response["x-goog-generation"] = generation
+                response["x-goog-metageneration"] = obj["metageneration"]
+
+    with_generations.serves_generations = True
+    objects.download = with_generations  # objects.get calls it for ?alt=media
+    for _, handlers in server.HANDLERS:
+        if handlers.get("GET") is download:
+            handlers["GET"] = with_generations
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ loss_mask (see `maxllm.data.pipeline`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grain
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maxllm import storage
 from maxllm.config import Config, DataConfig
 from maxllm.data import pipeline as pl
 from maxllm.data.sources import DataError, Manifest, jsonl_documents, token_shards
@@ -92,8 +92,7 @@ def open_tokenizer(cfg: DataConfig, model_vocab: int) -> Tokenizer | None:
 
 
 def is_token_folder(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() or p.name == "manifest.json"
+    return storage.isdir(path) or path.rsplit("/", 1)[-1] == "manifest.json"
 
 
 def _map_documents(cfg: DataConfig, model_vocab: int, path: str | None = None) -> tuple[list[grain.MapDataset], list[float] | None]:

@@ -9,18 +9,20 @@ document, EOS appended) that the Grain pipeline shuffles, shards and packs.
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grain
 import numpy as np
 
+from maxllm import storage
 from maxllm.tokenizer import Tokenizer
 
 
@@ -43,6 +45,10 @@ class Manifest:
 
     @staticmethod
     def read(path: str | Path) -> "Manifest":
+        """`path`: a tokens/ folder or its manifest.json; on gs://, read from a local
+        copy of the folder (ArrayRecord shards are read from local files)."""
+        if storage.is_remote(str(path)):
+            path = _local_tokens(str(path))
         path = Path(path)
         manifest_path = path / "manifest.json" if path.is_dir() else path
         if not manifest_path.is_file():
@@ -64,6 +70,14 @@ class Manifest:
             raise DataError(f"{tokenizer}: sha256 {digest[:12]}... does not match {manifest_path} ({str(tok.get('sha256'))[:12]}...)")
         return Manifest(manifest_path.parent, tuple(p for p, _ in shards), sum(n for _, n in shards),
                         int(raw.get("tokens", 0)), tokenizer, digest, int(tok["vocab_size"]), int(tok["eos_id"]))
+
+
+def _local_tokens(url: str) -> Path:
+    folder, name = (url.rsplit("/", 1) if url.endswith("manifest.json") else (url, ""))
+    if not storage.isdir(folder):
+        storage.check_bucket(url)
+        raise DataError(f"{url}: no tokens folder here (point data.path at a data_pipelines tokens/ folder)")
+    return storage.local_copy(folder) / name
 
 
 def _check_shards(manifest_path: Path, shards: list[tuple[Path, int]]) -> None:
@@ -118,32 +132,38 @@ def jsonl_documents(pattern: str, text_field: str, tokenizer_path: str, add_eos:
 
 
 def read_jsonl_texts(pattern: str, text_field: str) -> list[str]:
-    files = sorted(glob.glob(pattern)) or [pattern]
+    files = storage.glob(pattern) or [pattern]
     texts: list[str] = []
     for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise DataError(f"{path}: data file not found (data.path={pattern!r})")
-        if ".json" not in path.name:  # plain text: the whole file is one document
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
+        if not storage.isfile(name):
+            raise DataError(f"{name}: data file not found (data.path={pattern!r})")
+        if ".json" not in name.rsplit("/", 1)[-1]:  # plain text: the whole file is one document
+            with _open_text(name) as f:
                 texts.append(f.read())
             continue
-        for lineno, record in iter_jsonl(path):
+        for lineno, record in iter_jsonl(name):
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: no string field {text_field!r} (set data.text_field)")
+                raise DataError(f"{name}:{lineno}: no string field {text_field!r} (set data.text_field)")
             texts.append(text)
     if not texts:
         raise DataError(f"{pattern}: no documents")
     return texts
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) for each non-blank line of a .jsonl[.gz] file;
-    a line that is not JSON is a DataError naming the file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+@contextlib.contextmanager
+def _open_text(path: str | Path) -> Iterator[IO[str]]:
+    """A local or gs:// file as text, gunzipped when its name ends in .gz."""
+    path = str(path)
+    with storage.open_read(path) if storage.is_remote(path) else open(path, "rb") as raw:
+        with gzip.open(raw, "rt", encoding="utf-8") if path.endswith(".gz") else io.TextIOWrapper(raw, "utf-8") as f:
+            yield f
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line of a .jsonl[.gz] file
+    (local or gs://); a line that is not JSON is a DataError naming the file and line."""
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

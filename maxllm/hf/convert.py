@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 import yaml
 
+from maxllm import storage
 from maxllm.config import Config, LlamaConfig, config_from_dict, load_config
 from maxllm.hf import safetensors_io as st
 from maxllm.hf.adapters import Adapter, HFError, adapter_for_family, adapter_for_hf
@@ -75,25 +77,48 @@ def export_params(
     eos_id: int | None = None,
     chat_template: str | None = None,
     overwrite: bool = False,
-) -> Path:
-    """Writes an HF folder at `out`. `get_leaf(path)` returns one of our parameter
-    leaves; each is asked for once and dropped after its tensors are written.
+) -> Path | str:
+    """Writes an HF folder at `out` (local or gs://; returned as given: a URL stays a
+    string). `get_leaf(path)` returns one of our parameter leaves; each is asked for
+    once and dropped after its tensors are written.
 
     The folder is assembled in `<out>.partial` and renamed at the end, so `out`
-    exists only complete."""
-    cfg = info.config.model
-    adapter = adapter_for_family(cfg.family)
-    out = Path(out)
+    exists only complete. A gs:// `out` is assembled in a local temporary folder and
+    uploaded with config.json last, so that it looks like an HF folder only complete."""
     if dtype not in DTYPE_NAMES:
         raise HFError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if storage.listdir(str(out)) and not overwrite:
         raise HFError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    np_dtype = np.dtype(DTYPE_NAMES[dtype])
     max_bytes = st.parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
 
+    def write(work: Path) -> None:
+        _write_folder(work, info, get_leaf, dtype, max_bytes, tokenizer_path, bos_id, eos_id, chat_template)
+
+    if storage.is_remote(str(out)):
+        storage.check_bucket(str(out))
+        with tempfile.TemporaryDirectory(prefix="maxllm-export-") as tmp:
+            write(Path(tmp))
+            storage.remove(str(out))
+            storage.upload_dir(Path(tmp), str(out), last="config.json")
+        return out
+    out = Path(out)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    write(work)
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out
+
+
+def _write_folder(work: Path, info: ExportInfo, get_leaf: Callable[[LeafPath], np.ndarray], dtype: str,
+                  max_bytes: int, tokenizer_path: str | Path | None, bos_id: int | None, eos_id: int | None,
+                  chat_template: str | None) -> None:
+    """The files of the HF folder, into the (empty) local folder `work`."""
+    cfg = info.config.model
+    adapter = adapter_for_family(cfg.family)
+    np_dtype = np.dtype(DTYPE_NAMES[dtype])
     _write_json(work / "config.json", adapter.to_hf_config(cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype))
     _write_json(work / "generation_config.json", _generation_config(bos_id, eos_id))
     if tokenizer_path is not None:
@@ -130,10 +155,6 @@ def export_params(
         _write_json(work / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     (work / "README.md").write_text(model_card(info, adapter, dtype))
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    return out
 
 
 def _generation_config(bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
@@ -227,8 +248,9 @@ def export_run(
     reader = StateReader(ckpt, step)
     check_param_shapes(str(reader.path), reader.param_shapes(), abstract_params(cfg.model))
     tokenizer = open_tokenizer(cfg.data, cfg.model.vocab_size)
-    if chat_template is None and (Path(run_dir) / TEMPLATE_FILE).is_file():
-        chat_template = (Path(run_dir) / TEMPLATE_FILE).read_text()  # the template fine-tuning used
+    template_file = storage.join(str(run_dir), TEMPLATE_FILE)
+    if chat_template is None and storage.isfile(template_file):
+        chat_template = storage.read_text(template_file)  # the template fine-tuning used
     np_dtype = DTYPE_NAMES[dtype] if dtype in DTYPE_NAMES else None
     info = ExportInfo(cfg, reader.step, reader.step * cfg.train.global_batch_size * cfg.data.seq_len)
     return export_params(
@@ -242,19 +264,24 @@ def export_run(
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     """A run directory's resolved config.yml, over configs/base.yml so that keys
     added to maxllm after the run was written take their defaults."""
-    path = Path(run_dir) / "config.yml"
-    if not path.is_file():
+    path = storage.join(str(run_dir), "config.yml")
+    if not storage.isfile(path):
         raise HFError(f"{path}: not found (is {run_dir} a maxllm run directory?)")
-    return load_config([BASE_CONFIG, path], overrides or [])
+    return load_config([BASE_CONFIG, _local(path)], overrides or [])
+
+
+def _local(path: str | Path) -> Path:
+    """`path`, or the local copy of a gs:// file or folder."""
+    return storage.local_copy(str(path)) if storage.is_remote(str(path)) else Path(path)
 
 
 def _checkpoint_root(run_dir: str | Path, cfg: Config) -> str:
-    local = Path(run_dir) / "checkpoints"
-    if local.is_dir():
-        return str(local)
+    checkpoints = storage.join(str(run_dir), "checkpoints")
+    if storage.isdir(checkpoints):
+        return checkpoints
     if cfg.checkpoint.dir:
         return cfg.checkpoint.dir
-    raise HFError(f"{local}: no checkpoints in this run directory")
+    raise HFError(f"{checkpoints}: no checkpoints in this run directory")
 
 
 # ---------------------------------------------------------------------------------
@@ -352,7 +379,7 @@ class Pretrained:
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
+    return storage.isfile(storage.join(str(path), "config.json"))
 
 
 def load_params(path: str | Path, model_cfg: LlamaConfig, shardings: Any | None = None) -> Any:
@@ -361,13 +388,13 @@ def load_params(path: str | Path, model_cfg: LlamaConfig, shardings: Any | None 
     `shardings` when given (a tree like the parameters), else on the default device."""
     from maxllm.checkpoint import StateReader, check_param_shapes
 
-    path = Path(path)
+    path = str(path).rstrip("/")
     abstract = abstract_params(model_cfg)
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if is_hf_folder(path):
-        hf = read_hf_model(path)
-        check_param_shapes(str(path), param_shapes(type(model_cfg)(**{**model_cfg.model_dump(), **hf.model_section})), abstract)
+        hf = read_hf_model(_local(path))
+        check_param_shapes(path, param_shapes(type(model_cfg)(**{**model_cfg.model_dump(), **hf.model_section})), abstract)
         hf.check_tensors(model_cfg)
         flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
         leaves = []
@@ -377,21 +404,21 @@ def load_params(path: str | Path, model_cfg: LlamaConfig, shardings: Any | None 
         hf.tensors.close()
         return jax.tree_util.tree_unflatten(treedef, leaves)
     step = None
-    if path.name.isdigit():
-        path, step = path.parent, int(path.name)
-    elif (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    parent, _, name = path.rpartition("/")
+    if name.isdigit():
+        path, step = parent or ".", int(name)
+    elif storage.isdir(storage.join(path, "checkpoints")):
+        path = storage.join(path, "checkpoints")
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return StateReader(str(path), step).params(abstract)
+    return StateReader(path, step).params(abstract)
 
 
 def load_pretrained(path: str | Path, overrides: list[str] | None = None) -> Pretrained:
-    """A run directory or an HF folder, as (config, parameters)."""
-    path = Path(path)
+    """A run directory or an HF folder (local or gs://), as (config, parameters)."""
     if is_hf_folder(path):
-        hf = read_hf_model(path)
+        hf = read_hf_model(_local(path))
         cfg = hf_run_config(hf, overrides=overrides)
         hf.tensors.close()
     else:

@@ -16,8 +16,8 @@ state goes into the checkpoint.
 
 from __future__ import annotations
 
+import io
 import logging
-from pathlib import Path
 
 import grain
 import grain.experimental as gx
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maxllm import storage
 from maxllm.config import Config
 from maxllm.data import TrainInput, global_batch, pipeline as pl, process_rows
 from maxllm.data.sources import DataError
@@ -198,17 +199,18 @@ def pair_batches(examples: list[dict], pairs_per_batch: int, length: int):
         yield {k: np.stack([c[k] for c in chunk]) for k in SEQUENCE_KEYS}, real
 
 
-def reference_file(out_dir: str) -> Path:
-    return Path(out_dir) / "ref_logps.npy"
+def reference_file(out_dir: str, name: str = "ref_logps.npy") -> str:
+    return storage.join(out_dir, name)
 
 
-def check_reference(path: Path, pairs: int) -> np.ndarray:
+def check_reference(path: str, pairs: int) -> np.ndarray:
     """The saved reference log-probs of `pairs` pairs (a resumed run's)."""
-    if not path.is_file():
+    if not storage.isfile(path):
         raise DataError(f"{path}: missing; a resumed run with dpo.precompute_ref needs the reference log-probs "
                         "its first start computed (start a new run.output_dir)")
     try:
-        ref = np.load(path)
+        with storage.open_read(path) as f:
+            ref = np.load(io.BytesIO(f.read()))
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: unreadable ({e}); start a new run.output_dir") from None
     if ref.shape != (pairs, 2):

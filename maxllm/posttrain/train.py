@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxllm import data as data_lib
+from maxllm import storage
 from maxllm.config import Config
 from maxllm.posttrain.chat import TEMPLATE_FILE, ChatTemplate, TemplateError, find_run_dir, resolve_template
 from maxllm.posttrain.dpo import METRICS, SEQUENCE_KEYS, dpo_losses, pair_logps
@@ -67,9 +68,7 @@ def run_template(cfg: Config, tokenizer: Tokenizer) -> tuple[ChatTemplate | None
         return None, str(e)
     log.info("chat template: %s", origin)
     if jax.process_index() == 0:
-        partial = Path(cfg.run.output_dir, TEMPLATE_FILE + ".partial")
-        partial.write_text(source)
-        partial.replace(partial.with_name(TEMPLATE_FILE))
+        storage.write_text(storage.join(cfg.run.output_dir, TEMPLATE_FILE), source)  # atomic: never half a file
     return template, None
 
 
@@ -114,7 +113,7 @@ def reference_logps(cfg: Config, spec, params, data: PosttrainInput, *, fresh: b
     computed from the starting `params` on a fresh run and saved in the run
     directory; read back when the run resumes."""
     path = reference_file(cfg.run.output_dir)
-    eval_path = path.with_name("ref_logps_eval.npy")
+    eval_path = reference_file(cfg.run.output_dir, "ref_logps_eval.npy")
     if not fresh:
         if data.eval_examples is not None:
             data.eval_ref = _read_saved(eval_path, len(data.eval_examples))
@@ -133,7 +132,7 @@ def reference_logps(cfg: Config, spec, params, data: PosttrainInput, *, fresh: b
     return ref
 
 
-def _read_saved(path: Path, pairs: int) -> np.ndarray:
+def _read_saved(path: str, pairs: int) -> np.ndarray:
     """Process 0 reads the file in its run directory; every process gets its values."""
     from jax.experimental import multihost_utils
 
@@ -141,11 +140,9 @@ def _read_saved(path: Path, pairs: int) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(mine))
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with storage.atomic_write(path) as f:  # never a half-written file under the real name
         np.save(f, array)
-    partial.replace(path)  # never a half-written file under the real name
 
 
 def posttrain_evaluator(cfg: Config, spec, data: PosttrainInput) -> Callable:

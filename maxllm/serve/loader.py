@@ -49,10 +49,12 @@ def load_engine(path: str | Path, *, quantize: str | None = None, dtype: str = "
 
 def _chat_template(path: str | Path, tokenizer_path: str) -> str | None:
     """A fine-tuned run's own template (chat_template.jinja), else the tokenizer's."""
+    from maxllm import storage
     from maxllm.posttrain.chat import TEMPLATE_FILE, tokenizer_template
 
-    if (Path(path) / TEMPLATE_FILE).is_file():
-        return (Path(path) / TEMPLATE_FILE).read_text()
+    template_file = storage.join(str(path), TEMPLATE_FILE)  # local or gs://
+    if storage.isfile(template_file):
+        return storage.read_text(template_file)
     return tokenizer_template(tokenizer_path)
 
 
