@@ -264,6 +264,7 @@ class TrainConfig(Section):
     weight_decay: float
     clip_grad_norm: float | None
     z_loss: float
+    max_bad_steps: PositiveInt  # consecutive steps with a NaN/Inf loss or gradient before the run stops
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":

@@ -209,6 +209,8 @@ def _format_line(step: int, m: dict[str, Any]) -> str:
         value = m.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             parts.append(fmt.format(value))
+    if m.get("skipped"):
+        parts.append("update SKIPPED (loss or gradient not finite)")
     for key, value in m.items():  # task metrics: eval/<task>/<metric>
         if key.count("/") == 2 and key.startswith("eval/") and math.isfinite(value):
             parts.append(f"{key[5:]} {value:.4f}")

@@ -237,12 +237,27 @@ def make_train_step(
         grads, count, sums, aux = grads_and_sums(state["params"], batch, state.get("ref_params"))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        # A NaN or Inf loss or gradient skips the update: parameters and moments stay
+        # as they were, so no checkpoint ever holds poisoned values. The batch is
+        # consumed and the optimizer's step counters go on, so the learning rate
+        # follows the step number. A conditional, not a select: no second copy of
+        # the state is ever live.
+        finite = jnp.isfinite(grad_norm) & jnp.all(jnp.stack([jnp.isfinite(v) for v in sums.values()]))
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        def skip(params, opt_state):
+            return params, jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.integer) else x, opt_state)
+
+        params, opt_state = jax.lax.cond(finite, update, skip, state["params"], state["opt_state"])
         metrics = {
             **{k: v / count for k, v in sums.items()},
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
+            "skipped": 1.0 - finite.astype(jnp.float32),
             **aux,
         }
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -527,12 +542,24 @@ def _loop(cfg, state, step_fn, data, checkpointer, start, evaluator=None) -> tup
     history: dict[int, dict[str, float]] = {}
     pending: tuple[int, dict] | None = None
 
+    bad_in_a_row = 0
+
     def flush():
+        nonlocal bad_in_a_row
         step, metrics = pending
         history[step] = _scalars(jax.device_get(metrics))
+        bad_in_a_row = bad_in_a_row + 1 if history[step]["skipped"] else 0
+        if bad_in_a_row:
+            log.warning("step %d: loss or gradient is not finite (loss %s, grad norm %s); update skipped (%d in a row)",
+                        step, history[step]["loss"], history[step]["grad_norm"], bad_in_a_row)
         evaluated = any(key.startswith("eval") for key in history[step])
-        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps or evaluated:
+        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps or evaluated or bad_in_a_row:
             writer.write(step, {**history[step], **throughput.measure(step)})
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise BadSteps(f"step {step}: the loss or gradient was NaN or Inf for {bad_in_a_row} steps in a row "
+                           f"(steps {step - bad_in_a_row + 1}-{step}, train.max_bad_steps={cfg.train.max_bad_steps}); "
+                           "none of them updated the state, so every checkpoint holds finite values. Lower "
+                           "train.lr, raise train.warmup_steps, or check the data")
 
     with writer, _Preemption() as preemption:
         for step in range(start, cfg.train.steps):
@@ -572,6 +599,10 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
         else:
             out.update({f"{key}/{i}": float(v) for i, v in enumerate(value.reshape(-1))})
     return out
+
+
+class BadSteps(ConfigError):
+    """Too many steps in a row with a non-finite loss or gradient; `main` exits 2."""
 
 
 class Preempted(Exception):

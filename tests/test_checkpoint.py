@@ -139,3 +139,70 @@ def test_resuming_with_another_model_is_a_clear_error(tiny, tmp_path):
     train(tiny(*common))
     with pytest.raises(CheckpointMismatch, match=r"embed/table: saved \(512, 64\), config \(512, 128\);.*; resume with the config"):
         train(tiny(*common, "model.d_model=128", "train.steps=3"))
+
+
+# ---------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny):
+    """A batch whose loss is NaN (a NaN in its loss mask) leaves the state as it
+    was, is counted, and the next batch updates as usual."""
+    import jax
+    import numpy as np
+
+    from maxllm import train as train_lib
+    from maxllm.mesh import make_mesh
+
+    cfg = tiny("mesh.fsdp=8")
+    mesh = make_mesh(cfg.mesh)
+    sharding = train_lib.input_layout(cfg, mesh)
+    with train_lib.step_context(cfg, mesh):
+        spec = train_lib.train_state_spec(cfg, mesh)
+        step = train_lib.make_train_step(cfg, spec.graphdef, spec.tx, spec.shardings,
+                                         dict.fromkeys(train_lib.BATCH_KEYS, sharding))
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, cfg.model.vocab_size, (8, 33))
+        host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(32), (8, 1)),
+                "segment_ids": np.ones((8, 32)), "loss_mask": np.ones((8, 32))}
+        good = {k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32), sharding)
+                for k, v in host.items()}
+        poisoned = dict(good, loss_mask=jax.device_put(np.where(np.eye(8, 32), np.nan, 1.0).astype(np.float32),
+                                                       sharding))
+        state = spec.init()
+        before = jax.device_get(state["params"])
+        state, bad = step(state, poisoned)
+        assert float(bad["skipped"]) == 1.0 and not np.isfinite(float(bad["loss"]))
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
+        state, ok = step(state, good)
+        assert float(ok["skipped"]) == 0.0 and np.isfinite(float(ok["loss"]))
+        changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state["params"]), before)
+        assert all(jax.tree.leaves(changed))
+
+
+def test_max_bad_steps_in_a_row_stop_the_run_naming_the_step(tiny, tmp_path):
+    """A learning rate of 1e30 blows the weights up after the first update: every
+    later loss is NaN, each step is skipped, and the third in a row stops the run
+    with exit code 2. The checkpoints written hold finite values only."""
+    import jax
+    import numpy as np
+
+    from maxllm.hf import load_params
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maxllm.train", "--config", str(TINY), f"run.output_dir={out}",
+           "train.lr=1e30", "train.warmup_steps=0", "train.clip_grad_norm=null", "train.steps=20",
+           "train.max_bad_steps=3", "checkpoint.enabled=true", "checkpoint.every_steps=2", "mesh.fsdp=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    print("\n" + message)
+    assert message.startswith("error: step ") and "NaN or Inf for 3 steps in a row" in message
+    stopped = int(message.split("error: step ")[1].split(":")[0])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert skipped == list(range(stopped - 2, stopped + 1))
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= stopped - 2  # checkpoints were written during the bad steps too
+    params = load_params(out, tiny().model)  # the newest checkpoint
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
