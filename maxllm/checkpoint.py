@@ -76,6 +76,37 @@ class Checkpointer:
         )
         return restored["state"]
 
+    def restore_newest(self, abstract_state: Any) -> tuple[int, Any]:
+        """(step, state) of the newest step that restores. A step whose files are
+        truncated or corrupt is set aside as `<step>.corrupt` (renamed, nothing
+        deleted) with a warning naming it and the error, and the next older step
+        is tried; when none restores, an error names them all."""
+        failed = []
+        while (step := self.latest_step()) is not None:
+            try:
+                return step, self.restore(step, abstract_state)
+            except ConfigError:
+                raise
+            except Exception as e:  # tensorstore and Orbax raise many kinds for a damaged file
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                aside = self._set_aside(step)
+                log.warning("checkpoint %s/%d cannot be read (%s); moved it to %s and resuming from the "
+                            "previous checkpoint", self.directory, step, reason, aside)
+                failed.append(f"{step} ({reason})")
+        raise CheckpointMismatch(f"no checkpoint in {self.directory} can be read: {'; '.join(failed)}; "
+                                 "the damaged steps were renamed <step>.corrupt")
+
+    def _set_aside(self, step: int) -> epath.Path:
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.corrupt"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.corrupt{n}"
+        source.rename(target)
+        self.manager.reload()
+        return target
+
     def _check_params(self, step: int, abstract_params: Any) -> None:
         """Compares saved parameter names and shapes with the config's before reading."""
         saved_meta = self.manager.item_metadata(step)["state"]["params"]

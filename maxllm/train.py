@@ -407,7 +407,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
                 state = spec.init() if source is None else _state_from_weights(cfg, spec, source)
             else:
                 _check_reference_state(cfg, checkpointer, start)
-                state = checkpointer.restore(start, spec.abstract)
+                start, state = checkpointer.restore_newest(spec.abstract)
                 log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
             if cfg.train.objective == "dpo" and cfg.dpo.precompute_ref:
                 from maxllm.posttrain.train import reference_logps

@@ -132,6 +132,31 @@ def test_unfinished_checkpoint_is_skipped_with_a_warning(tiny, tmp_path, caplog)
     assert not unfinished.exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(damage, tiny, tmp_path, caplog):
+    """The newest step is complete (finalized) but one of its array files is cut in
+    half or overwritten with garbage: the run says so, sets the step aside as
+    `6.corrupt` (nothing deleted), resumes from step 4 and computes steps 5 and 6
+    again with the losses they had."""
+    common = [f"run.output_dir={tmp_path}", "checkpoint.enabled=true", "checkpoint.every_steps=2",
+              "checkpoint.async_save=false", "checkpoint.max_to_keep=3", "train.schedule=constant"]
+    first = train(tiny(*common, "train.steps=6"))
+    ckpts = tmp_path / "checkpoints"
+    files = [f for f in (ckpts / "6" / "state").rglob("*") if f.is_file()]
+    victim = max(files, key=lambda f: f.stat().st_size)  # the array data, not metadata
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(len(data)))
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny(*common, "train.steps=8"))
+    print(f"\n{damage}: {caplog.records[-1].getMessage() if caplog.records else ''}")
+    assert f"checkpoint {ckpts}/6 cannot be read" in caplog.text and "resuming from the previous checkpoint" in caplog.text
+    assert result.start_step == 4
+    assert (ckpts / "6.corrupt").is_dir() and (ckpts / "6.corrupt" / "state").exists()
+    for step in (5, 6):
+        assert result.losses[step] == first.losses[step]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4", "6", "8"]
+
+
 def test_resuming_with_another_model_is_a_clear_error(tiny, tmp_path):
     from maxllm.checkpoint import CheckpointMismatch
 
