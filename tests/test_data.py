@@ -318,3 +318,37 @@ def test_resumed_training_sees_the_same_batches_and_losses(tiny, tmp_path):
         assert resumed.start_step == k and sorted(resumed.losses) == list(range(k + 1, 13))
         for step, loss in resumed.losses.items():
             assert loss == whole.losses[step], step
+
+
+# ---------------------------------------------------------------------------------
+# Shards damaged or removed during a run
+
+
+def test_a_shard_damaged_mid_run_is_an_error_naming_it(tiny, tmp_path):
+    """A shard overwritten after the run started: the next read of it is a
+    DataError naming the file and the record. A shard deleted mid-run is still
+    read through the open file (POSIX keeps it until closed), so the run's data
+    stay right; the next start names it as missing."""
+    from maxllm import train as train_lib
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(QUICKSTART / "tokens" / "train", tokens)
+    cfg = tiny("data.source=tokens", f"data.path={tokens}", "model.vocab_size=4096", "data.seq_len=256")
+    mesh = make_mesh(cfg.mesh)
+    damaged, deleted = sorted(tokens.glob("*.array_record"))
+    with train_lib.step_context(cfg, mesh):
+        data = TrainInput(cfg, train_lib.input_layout(cfg, mesh))
+        for _ in range(3):
+            data.next()
+        deleted.unlink()
+        damaged.write_bytes(bytes(damaged.stat().st_size))  # the same inode, overwritten with zeros
+        with pytest.raises(DataError) as err:
+            for _ in range(2000):  # the epoch visits every record of both shards
+                data.next()
+    print("\n" + str(err.value))
+    assert str(err.value).startswith(f"{damaged}: record ") and "cannot be read" in str(err.value)
+    with pytest.raises(DataError, match=f"{damaged}: unreadable shard"):
+        Manifest.read(tokens)  # a resume checks every shard before reading
+    shutil.copy(QUICKSTART / "tokens" / "train" / damaged.name, damaged)
+    with pytest.raises(DataError, match=f"{deleted}: shard listed in .* is missing"):
+        Manifest.read(tokens)

@@ -42,6 +42,7 @@ class Manifest:
     tokenizer_sha256: str
     vocab_size: int
     eos_id: int
+    shard_documents: tuple[int, ...] = ()  # records in each shard, in order
 
     @staticmethod
     def read(path: str | Path) -> "Manifest":
@@ -69,7 +70,8 @@ class Manifest:
         if digest != tok.get("sha256"):
             raise DataError(f"{tokenizer}: sha256 {digest[:12]}... does not match {manifest_path} ({str(tok.get('sha256'))[:12]}...)")
         return Manifest(manifest_path.parent, tuple(p for p, _ in shards), sum(n for _, n in shards),
-                        int(raw.get("tokens", 0)), tokenizer, digest, int(tok["vocab_size"]), int(tok["eos_id"]))
+                        int(raw.get("tokens", 0)), tokenizer, digest, int(tok["vocab_size"]), int(tok["eos_id"]),
+                        tuple(n for _, n in shards))
 
 
 def _local_tokens(url: str) -> Path:
@@ -101,8 +103,31 @@ def _decode(record: bytes) -> np.ndarray:
 
 
 def token_shards(manifest: Manifest) -> grain.MapDataset:
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in manifest.shards])
-    return grain.MapDataset.source(source).map(_decode)
+    return grain.MapDataset.source(_ShardRecords(manifest.shards, manifest.shard_documents)).map(_decode)
+
+
+class _ShardRecords:
+    """Grain's ArrayRecord source over the shards, in order. A record that cannot
+    be read (a shard overwritten, truncated or removed after the run checked it)
+    is a DataError naming the shard and the record, not a bare reader error."""
+
+    def __init__(self, shards: tuple[Path, ...], documents: tuple[int, ...]):
+        self.shards = [str(p) for p in shards]
+        self.ends = np.cumsum(documents)
+        self.source = grain.sources.ArrayRecordDataSource(self.shards)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except Exception as e:  # array_record raises RuntimeError / OSError with no file name
+            shard = int(np.searchsorted(self.ends, index, side="right"))
+            first = int(self.ends[shard - 1]) if shard else 0
+            raise DataError(f"{self.shards[shard]}: record {index - first} cannot be read "
+                            f"({type(e).__name__}: {str(e)[:200]}); the shard changed or disappeared after the run "
+                            "started; restore it (or re-run the data_pipelines tokenize step) and resume") from None
 
 
 class _Tokenize:
