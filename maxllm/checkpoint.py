@@ -30,6 +30,10 @@ class CheckpointMismatch(ConfigError):
     """The newest checkpoint's tree does not match the state the config builds."""
 
 
+class CheckpointUnreadable(ConfigError):
+    """No checkpoint in the directory can be read (each was set aside as damaged)."""
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -71,6 +75,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The state saved at `step`, laid out like `abstract_state` (shapes, shardings)."""
         self._check_params(step, abstract_state["params"])
+        self._check_tree(step, abstract_state)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
@@ -93,7 +98,7 @@ class Checkpointer:
                 log.warning("checkpoint %s/%d cannot be read (%s); moved it to %s and resuming from the "
                             "previous checkpoint", self.directory, step, reason, aside)
                 failed.append(f"{step} ({reason})")
-        raise CheckpointMismatch(f"no checkpoint in {self.directory} can be read: {'; '.join(failed)}; "
+        raise CheckpointUnreadable(f"no checkpoint in {self.directory} can be read: {'; '.join(failed)}; "
                                  "the damaged steps were renamed <step>.corrupt")
 
     def _set_aside(self, step: int) -> epath.Path:
@@ -106,6 +111,19 @@ class Checkpointer:
         source.rename(target)
         self.manager.reload()
         return target
+
+    def _check_tree(self, step: int, abstract_state: Any) -> None:
+        """The saved state has the leaves the config's state has (the optimizer's
+        structure changes with, e.g., train.clip_grad_norm): a mismatch is a config
+        error, never mistaken for a damaged checkpoint."""
+        saved = {_names(p) for p, _ in _flat(self.manager.item_metadata(step)["state"])}
+        wanted = {_names(p) for p, _ in _flat(abstract_state)}
+        if saved != wanted:
+            show = lambda paths: ", ".join("/".join(p) for p in sorted(paths)[:4]) or "none"  # noqa: E731
+            raise CheckpointMismatch(
+                f"{self.directory}/{step}: the saved train state has other leaves than this config's (only saved: "
+                f"{show(saved - wanted)}; only in the config: {show(wanted - saved)}); resume with the config it "
+                "was saved with, or set run.output_dir to a new directory")
 
     def _check_params(self, step: int, abstract_params: Any) -> None:
         """Compares saved parameter names and shapes with the config's before reading."""
@@ -163,6 +181,12 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 def _flat(tree: Any) -> list:
     return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    """A tree path as names, the same for a dict key, a field and an index (Orbax's
+    metadata turns an optimizer's named tuples into dicts)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class StateReader:

@@ -273,16 +273,15 @@ def make_train_step(
 
 def _context_order(cfg: Config) -> np.ndarray | None:
     """With rows split over the sequence axis, the load-balanced order of a row's
-    tokens (maxllm.models.context); None when rows are not split or the family
-    reads tokens in order (Mamba's scan)."""
-    rules, mesh = active_rules()
-    shards = axis_size("length", rules, mesh)
-    if shards == 1 or cfg.model.family == "mamba":
-        return None
-    if cfg.data.seq_len % (2 * shards):
-        raise ShardingError(f"data.seq_len={cfg.data.seq_len} must be a multiple of 2 x mesh.sequence "
-                            f"({2 * shards}): each device takes an early and a late chunk of every row")
-    return load_balanced_order(cfg.data.seq_len, shards)
+    tokens (maxllm.models.context); None when they are not reordered."""
+    shards = _balanced_shards(cfg, *active_rules())
+    return None if shards == 1 else load_balanced_order(cfg.data.seq_len, shards)
+
+
+def _balanced_shards(cfg: Config, rules: Any, mesh: Mesh) -> int:
+    """How many ways rows are split over the sequence axis and reordered for load
+    balance; 1 when they are not (no split, or Mamba, whose scan reads tokens in order)."""
+    return 1 if cfg.model.family == "mamba" else axis_size("length", rules, mesh)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any, input_sharding: NamedSharding):
@@ -429,11 +428,16 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> RunResult:
 def input_layout(cfg: Config, mesh: Mesh) -> NamedSharding:
     """The sharding of a step's (B, T) input arrays, after checking that the batch,
     its accumulation microbatches and their pipeline microbatches all split over
-    the batch axes (a ShardingError or ConfigError naming the keys if not)."""
+    the batch axes, and rows into the chunks of context parallelism (a
+    ShardingError or ConfigError naming the keys if not)."""
     rules = cfg.mesh.rules.activations
     B, T = cfg.train.global_batch_size, cfg.data.seq_len
     rows = B // cfg.train.grad_accum_steps
     batch_sharding(rules, mesh, (rows, T))
+    shards = _balanced_shards(cfg, rules, mesh)
+    if T % (2 * shards):
+        raise ShardingError(f"data.seq_len={T} must be a multiple of 2 x mesh.sequence ({2 * shards}): "
+                            "each device takes an early and a late chunk of every row")
     stages = mesh.shape["stage"]
     if stages > 1:
         rows *= 2 if cfg.train.objective == "dpo" else 1  # a pair is two rows

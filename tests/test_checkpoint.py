@@ -231,3 +231,15 @@ def test_max_bad_steps_in_a_row_stop_the_run_naming_the_step(tiny, tmp_path):
     assert saved and saved[-1] >= stopped - 2  # checkpoints were written during the bad steps too
     params = load_params(out, tiny().model)  # the newest checkpoint
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_resuming_with_another_optimizer_structure_is_a_mismatch_not_damage(tiny, tmp_path):
+    """Turning clipping off changes the optimizer state's leaves: a clear config
+    error, and the checkpoint is not set aside as damaged."""
+    from maxllm.checkpoint import CheckpointMismatch
+
+    common = [f"run.output_dir={tmp_path}", "checkpoint.enabled=true", "checkpoint.async_save=false"]
+    train(tiny(*common, "train.steps=2"))
+    with pytest.raises(CheckpointMismatch, match="other leaves than this config's"):
+        train(tiny(*common, "train.steps=3", "train.clip_grad_norm=null"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]

@@ -19,6 +19,7 @@ H head dim, G = N // K query heads per kv head.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -122,23 +123,32 @@ def _flash(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, implementation: str) -> 
     )
 
 
-def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
-    """Causal self-attention through the splash kernel. A Pallas kernel is not
-    partitioned by XLA: on a mesh, each device runs it on its own rows and heads
-    (`jax.shard_map` with the activation rules' specs)."""
+def per_device(fn, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *rows_BT: jax.Array) -> jax.Array:
+    """`fn(q, k, v, *rows)` on each device's block of the arrays (`jax.shard_map`),
+    laid out by the enclosing activation rules: queries by heads, keys and values
+    by kv heads, each (B, T) array by batch and length; the result is laid out like
+    the queries. For what XLA does not partition itself: a Pallas kernel, or
+    collectives over the length's mesh axis."""
     from maxllm.mesh import active_rules, logical_to_spec
 
-    active = active_rules()
-    if active is None:
-        return _splash_local(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, mask.kv_segment_ids)
-    rules, mesh = active
+    rules, mesh = active_rules()
     q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh, q_BTNH.shape, "queries")
-    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape, "keys")
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape,
+                              "keys and values")
     row_spec = logical_to_spec(("batch", "length"), rules, mesh)
     return jax.shard_map(
-        _splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec,
+        fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *(row_spec,) * len(rows_BT)), out_specs=q_spec,
         check_vma=False,
-    )(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, mask.kv_segment_ids)
+    )(q_BTNH, k_BSKH, v_BSKH, *rows_BT)
+
+
+def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Causal self-attention through the splash kernel. A Pallas kernel is not
+    partitioned by XLA: on a mesh, each device runs it on its own rows and heads."""
+    from maxllm.mesh import active_rules
+
+    run = _splash_local if active_rules() is None else functools.partial(per_device, _splash_local)
+    return run(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, mask.kv_segment_ids)
 
 
 def _splash_local(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS) -> jax.Array:

@@ -34,14 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxllm.mesh import active_rules, logical_to_spec
-from maxllm.models.attention import AttentionMask, Backend, attention
+from maxllm.models.attention import AttentionMask, Backend, attention, per_device
 
 Strategy = Literal["all_gather", "ring"]
-
-_Q = ("batch", "length", "heads", "head_dim")
-_KV = ("batch", "length", "kv_heads", "head_dim")
-_ROW = ("batch", "length")
-
 
 def load_balanced_order(length: int, shards: int) -> np.ndarray:
     """A permutation of range(length): shard i of the result holds chunks i and
@@ -64,10 +59,7 @@ def context_attention(
     """Self-attention of rows whose length is split over the mesh (the enclosing
     `activation_rules` say how); the result is split like `q_BTNH`."""
     rules, mesh = active_rules()
-    q_spec = logical_to_spec(_Q, rules, mesh, q_BTNH.shape, "queries")
-    kv_spec = logical_to_spec(_KV, rules, mesh, k_BTKH.shape, "keys and values")
-    row_spec = logical_to_spec(_ROW, rules, mesh)
-    axis = q_spec[1]  # the mesh axes the length is split over
+    axis = logical_to_spec(("batch", "length"), rules, mesh)[1]  # the mesh axes the length is split over
     shards = int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis)]))
 
     def local(q, k, v, seg, pos):
@@ -79,13 +71,7 @@ def context_attention(
             return _ring(q, k, v, seg, pos, axis, shards)
         raise ValueError(f"unknown model.context_parallel {strategy!r}; use all_gather or ring")
 
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
-        out_specs=q_spec,
-        check_vma=False,
-    )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+    return per_device(local, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
 
 
 def _ring(q_BCNH, k_BCKH, v_BCKH, seg_BC, pos_BC, axis, shards: int) -> jax.Array:
@@ -101,15 +87,13 @@ def _ring(q_BCNH, k_BCKH, v_BCKH, seg_BC, pos_BC, axis, shards: int) -> jax.Arra
     kv = (k_BCKH.transpose(0, 2, 1, 3), v_BCKH.transpose(0, 2, 1, 3), seg_BC, pos_BC)  # keys BKCH
     hop = [(i, (i + 1) % shards) for i in range(shards)]
 
-    def fold(acc, kv):
+    def fold(acc, kv, allowed_B11CC):
         """The online-softmax update with one block of keys. As in the dense
         path, masked scores are the lowest finite float, not -inf: until a row
         meets a key it may see, its peak is that value and its running sums are
         garbage that the first visible key scales to exactly zero."""
         peak, total, out = acc
-        k_BKCH, v_BKCH, kv_seg_BC, kv_pos_BC = kv
-        allowed_B11CC = ((seg_BC[:, :, None] == kv_seg_BC[:, None, :])
-                         & (kv_pos_BC[:, None, :] <= pos_BC[:, :, None]))[:, None, None]
+        k_BKCH, v_BKCH, _, _ = kv
         logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGCH, k_BKCH, preferred_element_type=jnp.float32)
         logits = jnp.where(allowed_B11CC, logits, lowest)
         # The shift cancels between numerator and denominator: a constant to autodiff.
@@ -121,16 +105,13 @@ def _ring(q_BCNH, k_BCKH, v_BCKH, seg_BC, pos_BC, axis, shards: int) -> jax.Arra
                                        preferred_element_type=jnp.float32)
         return new_peak, total, out
 
-    def visible(kv) -> jax.Array:
-        _, _, kv_seg_BC, kv_pos_BC = kv
-        same = seg_BC[:, :, None] == kv_seg_BC[:, None, :]
-        return jnp.any(same & (kv_pos_BC[:, None, :] <= pos_BC[:, :, None]))
-
     acc = (peak_BKGC1, total_BKGC1, out_BKGCH)
     for step in range(shards):
         if step:
             kv = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, hop), kv)
-        acc = jax.lax.cond(visible(kv), fold, lambda acc, kv: acc, acc, kv)
+        allowed_B1CC = AttentionMask(seg_BC, pos_BC, kv[2], kv[3], False).dense()
+        # A block no query of this device may see (above the diagonal, another document) is skipped.
+        acc = jax.lax.cond(jnp.any(allowed_B1CC), fold, lambda acc, kv, allowed: acc, acc, kv, allowed_B1CC[:, :, None])
     _, total, out = acc
     out_BKGCH = (out / total).astype(v_BCKH.dtype)
     return out_BKGCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H)
