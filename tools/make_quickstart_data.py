@@ -1,10 +1,11 @@
 """Builds data/quickstart/: the small English corpus and the sentencepiece tokenizer
-that `configs/quickstart.yml` trains on.
+that `configs/quickstart.yml` trains on, and data/web/: the same manuals as raw
+web-like documents, junk included, for the corpus pipeline.
 
     python tools/make_quickstart_data.py --sample ../shared/data
 
-The text is the clean English documents of the web sample whose source package
-carries a permissive license (see data/quickstart/README.md); no GPL text ships.
+The text is the documents of the web sample whose source package carries a
+permissive license (see data/quickstart/README.md); no GPL text ships.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", default="../shared/data", help="folder with web-sample*.jsonl.gz")
     parser.add_argument("--out", default="data/quickstart")
+    parser.add_argument("--web-out", default="data/web")
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
 
@@ -85,6 +87,28 @@ def main() -> None:
     (out / "tokenizer.model").write_bytes(model.getvalue())
     chars = sum(len(d["text"]) for d in train)
     print(f"{len(train)} train and {len(valid)} valid documents, {chars:,} train characters -> {out}")
+    write_web_sample(docs, labels, {d["id"] for d in valid}, Path(args.web_out))
+
+
+def write_web_sample(docs: list[dict], labels: dict[str, dict], held_out: set[str], out: Path) -> None:
+    """Every document of the permissive sources, junk and duplicates included, less
+    the quickstart's validation documents and their duplicates (so that split stays
+    unseen by a model trained on this corpus), with the labels beside it."""
+    held_clusters = {labels[i]["dup_cluster"] for i in held_out} - {None}
+    keep = [
+        {"id": d["id"], "text": d["text"], "url": d["url"], "source": d["source"]}
+        for d in docs
+        if d["source"] in PERMISSIVE
+        and d["id"] not in held_out
+        and labels[d["id"]]["dup_cluster"] not in held_clusters
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_gz(out / "web.jsonl.gz", keep)
+    write_jsonl_gz(out / "web.labels.jsonl.gz", [labels[d["id"]] for d in keep])
+    kinds: dict[str, int] = {}
+    for d in keep:
+        kinds[labels[d["id"]]["kind"]] = kinds.get(labels[d["id"]]["kind"], 0) + 1
+    print(f"{len(keep)} web documents {dict(sorted(kinds.items()))} -> {out}")
 
 
 if __name__ == "__main__":
