@@ -11,6 +11,7 @@ the run resumes from the newest complete step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ class CheckpointMismatch(ConfigError):
 
 class CheckpointUnreadable(ConfigError):
     """No checkpoint in the directory can be read (each was set aside as damaged)."""
+
+
+class CheckpointWriteFailed(ConfigError):
+    """A save did not complete (a full disk, a lost bucket): the step was never
+    finalized, its partial files are removed, the previous steps are untouched."""
 
 
 class Checkpointer:
@@ -57,6 +63,8 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={**_handlers(), **(extra_handlers or {})})
+        self._writing: int | None = None  # the step of the save in flight
+        self._failed = False
 
     def _warn_unfinished(self) -> None:
         if not self.directory.exists():
@@ -93,7 +101,7 @@ class Checkpointer:
             except ConfigError:
                 raise
             except Exception as e:  # tensorstore and Orbax raise many kinds for a damaged file
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                reason = _first_line(e)
                 aside = self._set_aside(step)
                 log.warning("checkpoint %s/%d cannot be read (%s); moved it to %s and resuming from the "
                             "previous checkpoint", self.directory, step, reason, aside)
@@ -148,26 +156,98 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, force: bool = False, extra: dict[str, Any] | None = None) -> bool:
         """Starts a save of `state` (and the `extra` items' save args) at `step`, in
-        the background when async; all items land in one step directory together."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(self.config_dict),
-                **(extra or {}),
-            ),
-            force=force,
-        )
+        the background when async; all items land in one step directory together.
+        A save that fails (here, or in the background and seen at the next save or
+        wait) raises CheckpointWriteFailed naming the step and the cause."""
+        with self._writes(step):
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(self.config_dict),
+                    **(extra or {}),
+                ),
+                force=force,
+            )
 
     def should_save(self, step: int) -> bool:
         return step % self.cfg.every_steps == 0
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writes(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight and releases Orbax's threads; after a failed
+        save only releases them (the error was raised already)."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failed save's error is the one to report
+                if not self._failed:
+                    raise
+
+    @contextlib.contextmanager
+    def _writes(self, step: int | None):
+        try:
+            yield
+        except ConfigError:
+            raise
+        except Exception as e:  # tensorstore and Orbax raise many kinds for a failed write
+            self._failed = True
+            failed = self._writing if self._writing is not None else step
+            removed = self._remove_partial()
+            raise CheckpointWriteFailed(self._write_error(failed, e, removed)) from e
+        # An async save goes on in the background: its failure surfaces at the next
+        # save or wait, and names this step.
+        self._writing = step if step is not None and self.cfg.async_save else None
+
+    def _remove_partial(self) -> list[str]:
+        """Deletes the unfinalized step directories a failed save left (on process 0;
+        Orbax removes any left over at the next start), freeing their space."""
+        if jax.process_index() != 0 or not self.directory.exists():
+            return []
+        removed = []
+        for child in self.directory.iterdir():
+            if child.name[:1].isdigit() and ocp.path.step.is_path_temporary(child):
+                child.rmtree()
+                removed.append(child.name)
+        return removed
+
+    def _write_error(self, step: int | None, error: Exception, removed: list[str]) -> str:
+        cause = _first_line(error)
+        self.manager.reload()
+        intact = self.manager.latest_step()
+        where = f"{self.directory}/{step}" if step is not None else str(self.directory)
+        message = f"writing checkpoint {where} failed: {cause}. "
+        if "No space left on device" in str(error) or "os_error_code='28'" in str(error):
+            size = _size(self.directory / str(intact)) if intact is not None else None
+            message += ("The disk is full" + (f" (a checkpoint of this run takes {size / 1e6:.1f} MB)" if size else "")
+                        + ". ")
+        message += (f"The unfinished step was removed ({', '.join(removed)}); " if removed else "Nothing of the step was finalized; ")
+        message += (f"checkpoint step {intact} is intact: free space (or set run.output_dir / checkpoint.dir elsewhere, "
+                    "or lower checkpoint.max_to_keep) and run the same command to resume from it"
+                    if intact is not None else "no earlier checkpoint exists: free space and run the same command again")
+        return message
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message, shortened; for a failed
+    write, from the OS error on (tensorstore puts the file and errno there)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if (at := text.find("Failed writing")) > 0:
+        text = text[at:]
+    return f"{type(error).__name__}: {text[:400]}"
+
+
+def _size(path: epath.Path) -> int | None:
+    """Bytes under a local directory; None on a remote one."""
+    if storage.is_remote(str(path)) or not path.exists():
+        return None
+    return sum(f.stat().st_size for f in Path(str(path)).rglob("*") if f.is_file())
 
 
 def checkpoint_dir(output_dir: str, cfg: CheckpointConfig) -> str:

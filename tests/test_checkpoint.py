@@ -166,6 +166,67 @@ def test_resuming_with_another_model_is_a_clear_error(tiny, tmp_path):
         train(tiny(*common, "model.d_model=128", "train.steps=3"))
 
 
+def _can_mount_tmpfs() -> bool:
+    """A user and mount namespace (`unshare -rm`) lets the test mount a tmpfs of a
+    chosen size without touching the host's mounts."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_disk_that_fills_during_a_checkpoint_write(async_save, tiny, tmp_path):
+    """The run directory is a real filesystem (tmpfs) with room for one checkpoint
+    and a half: the save of step 4 runs out of space (ENOSPC from the kernel). The
+    run stops with an error naming the step, the cause and the intact step 2, and
+    removes step 4's partial files; with more room, the same command resumes from
+    step 2 and computes steps 3-6 as the uninterrupted run did."""
+    if not _can_mount_tmpfs():
+        pytest.skip("cannot mount a size-limited tmpfs here (unshare -rm is not permitted)")
+    common = ["checkpoint.enabled=true", "checkpoint.every_steps=2", f"checkpoint.async_save={async_save}",
+              "checkpoint.max_to_keep=3", "train.steps=6"]
+    whole = train(tiny(f"run.output_dir={tmp_path / 'whole'}", *common))
+    step_bytes = sum(f.stat().st_size for f in (tmp_path / "whole" / "checkpoints" / "2").rglob("*") if f.is_file())
+
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    run.mkdir()
+    logs.mkdir()
+    command = " ".join([sys.executable, "-m", "maxllm.train", "--config", str(TINY), f"run.output_dir={run}", *common])
+    script = f"""
+        mount -t tmpfs -o size={int(1.6 * step_bytes)} tmpfs {run}
+        {command} > {logs}/full.log 2>&1; echo $? > {logs}/full.rc
+        ls {run}/checkpoints > {logs}/after_full.txt
+        mount -o remount,size=64m {run}
+        {command} > {logs}/resumed.log 2>&1; echo $? > {logs}/resumed.rc
+        ls {run}/checkpoints > {logs}/after_resume.txt
+        cp {run}/metrics.jsonl {logs}/
+    """
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, timeout=600)
+
+    full = (logs / "full.log").read_text()
+    error = [line for line in full.splitlines() if line.startswith("error:")]
+    print(f"\nasync_save={async_save}: {error[-1] if error else full[-2000:]}")
+    assert (logs / "full.rc").read_text().strip() == "2", full[-3000:]
+    assert error and f"writing checkpoint {run}/checkpoints/4 failed" in error[-1]
+    assert "No space left on device" in error[-1] and "The disk is full" in error[-1]
+    assert "checkpoint step 2 is intact" in error[-1]
+    assert (logs / "after_full.txt").read_text().split() == ["2"]  # step 4's partial files are gone
+
+    resumed = (logs / "resumed.log").read_text()
+    assert (logs / "resumed.rc").read_text().strip() == "0", resumed[-3000:]
+    assert "resumed from checkpoint step 2" in resumed
+    assert (logs / "after_resume.txt").read_text().split() == ["2", "4", "6"]
+    losses = {}
+    for line in (logs / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    for step in range(3, 7):
+        assert losses[step] == pytest.approx(whole.losses[step], rel=1e-6), step
+
+
 # ---------------------------------------------------------------------------------
 # Non-finite steps
 
