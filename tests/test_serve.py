@@ -1,10 +1,14 @@
 """The serving stack against a live server on localhost: the official `openai`
 client (completions, chat, streaming), plain HTTP for the TGI routes, greedy output
 equal to the offline decode, 16 and 64 requests in flight equal to one at a time,
-client mistakes answered 4xx (never 500) while the server keeps serving, int8
-weights within 1% perplexity of bfloat16 at about half the memory."""
+client mistakes answered 4xx (never 500) while the server keeps serving, a client
+gone mid-answer frees its slot, a burst past the limit answered 429 while the
+admitted requests answer right, int8 weights within 1% perplexity of bfloat16 at
+about half the memory."""
 
+import collections
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -207,17 +211,179 @@ def test_too_many_in_flight_get_429_and_api_key_is_enforced(live):
         server.cfg.api_key = None
 
 
-def test_disconnected_stream_frees_its_slot(live):
+def _metrics(url) -> dict[str, float]:
+    """The server's Prometheus samples, keyed by name and labels as written."""
+    lines = requests.get(f"{url}/metrics").text.splitlines()
+    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+
+def _send(url, path: str, body: dict) -> socket.socket:
+    """A raw HTTP/1.1 request on a connection of its own, sent; the answer is unread."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def _poll(url, until, what: str, seconds: float = 30) -> dict[str, float]:
+    """The server's metrics once `until(metrics)` holds; fails after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not until(m := _metrics(url)):
+        assert time.monotonic() < deadline, f"{what}: {m}"
+        time.sleep(0.02)  # polling the server; no result depends on it
+    return m
+
+
+IN_FLIGHT, RUNNING = "maxllm_requests_in_flight", "maxllm_running_requests"
+GENERATED, CANCELLED = "maxllm_generated_tokens_total", 'maxllm_finished_requests_total{reason="cancelled"}'
+
+
+def _idle(m: dict[str, float]) -> bool:
+    return m[IN_FLIGHT] == 0 and m[RUNNING] == 0
+
+
+@contextlib.contextmanager
+def _engine_stopped_at(engine, method: str, after: int = 0):
+    """The engine's loop calls `method` (`_admit`: take in waiting requests;
+    `_generate`: one decode step) `after` times, then parks before the next call
+    until the caller releases it or the block ends; yields (parked, release). The
+    test decides when the engine moves, however fast the machine is."""
+    run, parked, gate, left = getattr(engine, method), threading.Event(), threading.Event(), [after]
+
+    def stopped():
+        if left[0]:
+            left[0] -= 1
+        else:
+            parked.set()
+            gate.wait()
+        run()
+
+    setattr(engine, method, stopped)
+    try:
+        engine._wake.set()  # the loop comes round now, not at its next idle timeout
+        yield parked, gate.set
+    finally:
+        gate.set()
+        delattr(engine, method)
+
+
+MAX_TOKENS, STEPS = 90, 8  # the greedy continuations below run 90 tokens without an end-of-sequence
+GONE_CASES = {
+    "completions-stream": ("/v1/completions", {"prompt": PROMPTS[0], "stream": True}),
+    "chat-stream": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "stream": True}),
+    "completions-whole": ("/v1/completions", {"prompt": PROMPTS[0]}),
+    "tgi-stream": ("/generate_stream", {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": MAX_TOKENS}}),
+}
+
+
+@pytest.mark.parametrize("case", GONE_CASES)
+def test_a_client_gone_mid_answer_frees_its_slot(live, case):
+    """The client reads three events of a long stream (or waits for a whole answer
+    while its request decodes) and closes the connection: the request ends as
+    "cancelled" far short of its max tokens, nothing is left in flight, and the
+    next request is answered as usual."""
     url, server = live
-    with requests.post(f"{url}/generate_stream", json={"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 120}},
-                       stream=True) as r:
-        lines = r.iter_lines()
-        next(lines)
-    deadline = time.monotonic() + 30
-    while server.engine.busy_slots:  # the cancelled request leaves at the engine's next step
-        assert time.monotonic() < deadline, "slot not freed"
-        time.sleep(0.02)
-    assert _complete(url, PROMPTS[1], 5)
+    path, body = GONE_CASES[case]
+    if path.startswith("/v1"):
+        body = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, **body}
+    before = _poll(url, _idle, "not idle before the test")
+    with _engine_stopped_at(server.engine, "_generate", after=STEPS) as (parked, go_on):
+        sock = _send(url, path, body)
+        try:
+            if body.get("stream") or path == "/generate_stream":
+                received = b""
+                while received.count(b"data:") < 3:
+                    chunk = sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+                assert received.startswith(b"HTTP/1.1 200"), received
+            assert parked.wait(30), "the engine did not reach its last step"
+        finally:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while not any(r is not None and r.cancelled for r in server.engine.active):
+            assert time.monotonic() < deadline, "the server did not cancel the request"
+            time.sleep(0.02)  # polling; no result depends on it
+        go_on()
+    after = _poll(url, _idle, "the slot was not freed")
+    generated = after[GENERATED] - before[GENERATED]
+    print(f"{case}: the request ended after {generated:.0f} of {MAX_TOKENS} tokens")
+    assert after[CANCELLED] == before.get(CANCELLED, 0) + 1, "the request was not cancelled"
+    assert 1 <= generated <= STEPS + 1  # the prefill's token and one a step
+    assert _complete(url, PROMPTS[0], 20) == _offline(server, PROMPTS[0], 20)
+
+
+def test_a_client_gone_while_waiting_gives_back_its_place(live):
+    """A request whose client leaves before it gets a slot is dropped unstarted
+    and no longer counts against max_concurrent_requests."""
+    url, server = live
+    gone = 'maxllm_requests_total{route="/v1/completions",status="499"}'
+    before = _poll(url, _idle, "not idle before the test")
+    with _engine_stopped_at(server.engine, "_admit") as (parked, _):
+        assert parked.wait(30), "the engine loop did not come round"
+        sock = _send(url, "/v1/completions", {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 8})
+        _poll(url, lambda m: m[IN_FLIGHT] == 1, "the request was not admitted")
+        sock.close()
+        _poll(url, lambda m: m.get(gone, 0) == before.get(gone, 0) + 1, "the server did not see the client go")
+    after = _poll(url, _idle, "the request still counts as in flight")
+    assert after[CANCELLED] == before.get(CANCELLED, 0) + 1 and after[GENERATED] == before[GENERATED]
+
+
+def test_a_burst_past_the_limit_gets_429_and_the_admitted_answer_right(live):
+    """200 requests at once (half of them streamed) at a server that takes 4: the
+    engine holds still while they land, so exactly 4 are admitted whatever the
+    machine's speed; the rest get 429 with OpenAI's error and Retry-After, never a
+    500; the 4 answer what greedy decoding gives, and the server then serves on."""
+    url, server = live
+    n, limit, max_tokens = 200, 4, 8
+    jobs = [(PROMPTS[i % 4], i % 2 == 1) for i in range(n)]  # (prompt, streamed)
+    start = threading.Barrier(n, timeout=60)
+
+    def post(job):
+        prompt, stream = job
+        start.wait()
+        r = requests.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream})
+        if r.status_code == 200 and stream:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", r.text
+            return r.status_code, r.headers, "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        return r.status_code, r.headers, r.json()
+
+    server.cfg.max_concurrent_requests = limit
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool, \
+                _engine_stopped_at(server.engine, "_admit") as (parked, go_on):
+            assert parked.wait(30), "the engine loop did not come round"
+            futures = [pool.submit(post, job) for job in jobs]
+            deadline = time.monotonic() + 60
+            while sum(f.done() for f in futures) < n - limit:  # all but the admitted
+                assert time.monotonic() < deadline, f"{sum(f.done() for f in futures)} of {n} answered"
+                time.sleep(0.02)  # waiting for the rejections; no result depends on it
+            go_on()
+        answers = [f.result() for f in futures]
+    finally:
+        server.cfg.max_concurrent_requests = 128
+    codes = collections.Counter(status for status, _, _ in answers)
+    print(f"burst of {n} requests, max_concurrent_requests={limit}: "
+          f"{codes[200]} answered 200, {codes[429]} answered 429, {n - codes[200] - codes[429]} other")
+    assert codes == {200: limit, 429: n - limit}
+    reference = {}
+    for (status, headers, answer), (prompt, stream) in zip(answers, jobs):
+        if status == 429:
+            assert headers["Retry-After"] == "1"
+            assert answer["error"]["type"] == "rate_limit_error" and answer["error"]["code"] == 429
+            assert "max_concurrent_requests is 4" in answer["error"]["message"]
+        else:
+            if prompt not in reference:
+                reference[prompt] = _offline(server, prompt, max_tokens)
+            text = answer if stream else answer["choices"][0]["text"]
+            assert text == reference[prompt], (prompt, stream)
+    m = _poll(url, _idle, "requests left in flight after the burst")
+    assert not [key for key in m if key.startswith("maxllm_requests_total") and 'status="5' in key]
+    assert _complete(url, PROMPTS[5], max_tokens) == _offline(server, PROMPTS[5], max_tokens)
 
 
 # ---------------------------------------------------------------------------------

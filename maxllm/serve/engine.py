@@ -67,7 +67,9 @@ class Result:
 
 class Request:
     """One generation: the engine calls `on_token(token)` for each new token and
-    `on_done(result)` once; `cancel()` frees its slot at the next step."""
+    `on_done(result)` once, whatever happens to it; `cancel()` (from any thread)
+    frees its slot at the next step, or drops it unstarted, with the result
+    "cancelled"."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
                  on_token: Callable[[Token], None] | None = None,
@@ -291,7 +293,8 @@ class Engine:
                 request = self.pending.get_nowait()
             except queue.Empty:
                 break
-            if request.cancelled:
+            if request.cancelled:  # its client went away while it waited
+                self._abandon(request, "cancelled")
                 continue
             if batch and self._shape([r.prompt_ids for r in (*batch, request)]) is None:
                 self._start_or_fail(free[: len(batch)], batch)
@@ -313,9 +316,14 @@ class Engine:
             for slot, request in zip(slots, requests):
                 if self.active[slot] is request:
                     self.active[slot] = None
-                if not request.done:
-                    request.done = True
-                    request.on_done(Result(request.tokens, "", "error", len(request.prompt_ids), None, 0.0, 0.0))
+                self._abandon(request, "error")
+
+    @staticmethod
+    def _abandon(request: Request, reason: str) -> None:
+        """Ends a request that holds no slot (every request hears back once)."""
+        if not request.done:
+            request.done = True
+            request.on_done(Result(request.tokens, "", reason, len(request.prompt_ids), None, 0.0, 0.0))
 
     def _run_prefill(self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]):
         """Dispatches one prefill for these prompts, padded to the next prompt count

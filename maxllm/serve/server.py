@@ -4,7 +4,9 @@
 
 Client mistakes get a 4xx JSON error (422 invalid request, 401 bad API key, 404
 unknown model, 429 too many requests in flight), never a 500; the engine keeps
-serving whatever a request contained.
+serving whatever a request contained. A client that goes away (mid-stream, or
+while waiting for a whole answer) cancels its request: its slot is freed at the
+engine's next step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from maxllm.posttrain.chat import ChatTemplate, TemplateError
 from maxllm.posttrain.records import TextEncoder
@@ -118,6 +121,49 @@ class TGIBody(_Body):
 # ---------------------------------------------------------------------------------
 
 
+class Generation:
+    """One request handed to the engine: its events as they come, and cancel()."""
+
+    def __init__(self, request: Request, events: asyncio.Queue):
+        self.request, self.queue = request, events
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        """("token", Token) events, then ("done", Result)."""
+        while True:
+            kind, value = await self.queue.get()
+            yield kind, value
+            if kind == "done":
+                return
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of one generation. However the response ends (the last
+    event sent, the client gone mid-stream, the server stopping), the generation
+    is cancelled, which frees its slot at the engine's next step (a no-op when it
+    has finished)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], generation: Generation):
+        super().__init__(content)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+
+
+async def _disconnected(http: HTTPRequest) -> None:
+    """Returns when the client closes the connection (its body already read)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Server:
     def __init__(self, engine: Engine, tokenizer, cfg: ServerConfig):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
@@ -136,6 +182,13 @@ class Server:
         self.m_tokens_out = Counter("maxllm_generated_tokens", "tokens generated", registry=r)
         self.m_queue = Gauge("maxllm_queue_depth", "requests waiting for a slot", registry=r)
         self.m_running = Gauge("maxllm_running_requests", "requests holding a slot", registry=r)
+        self.m_queue.set_function(lambda: engine.queue_depth)  # read when scraped
+        self.m_running.set_function(lambda: engine.busy_slots)
+        self.m_in_flight = Gauge("maxllm_requests_in_flight", "requests admitted that the engine has not ended "
+                                 "(waiting or holding a slot); max_concurrent_requests bounds it", registry=r)
+        self.m_in_flight.set_function(lambda: self.in_flight)
+        self.m_finished = Counter("maxllm_finished_requests", "requests the engine ended, by reason "
+                                  "(eos, stop, length, cancelled: the client went away, error)", ["reason"], registry=r)
         self.m_ttft = Histogram("maxllm_time_to_first_token_seconds", "time to first token", registry=r,
                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.m_tpot = Histogram("maxllm_time_per_output_token_seconds", "time per output token after the first",
@@ -166,46 +219,56 @@ class Server:
 
     # ------------------------------------------------------------------ running requests
 
-    async def run(self, ids: list[int], params: SamplingParams, stream: bool):
-        """Submits one request; yields ("token", Token) events and finally ("done", Result)."""
+    def admit(self, ids: list[int], params: SamplingParams, stream: bool) -> Generation:
+        """Hands one request to the engine, or answers 429 while
+        `max_concurrent_requests` are in flight. A request is in flight until the
+        engine ends it (finished, failed, or cancelled and its slot freed), so the
+        limit bounds what the engine holds, not what clients are still reading."""
         if self.in_flight >= self.cfg.max_concurrent_requests:
             raise ClientError(429, f"{self.in_flight} requests in flight; max_concurrent_requests is "
-                                   f"{self.cfg.max_concurrent_requests}", "rate_limit_error")
+                                   f"{self.cfg.max_concurrent_requests}; retry later", "rate_limit_error")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
+        def ended(result: Result) -> None:  # on the event loop, after the request's last token
+            self.in_flight -= 1
+            self._record(result)
+            events.put_nowait(("done", result))
+
         request = Request(
             ids, params,
             on_token=(lambda t: loop.call_soon_threadsafe(events.put_nowait, ("token", t))) if stream else None,
-            on_done=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", r)),
+            on_done=lambda result: loop.call_soon_threadsafe(ended, result),
         )
+        self.engine.submit(request)
         self.in_flight += 1
         self.m_tokens_in.inc(len(ids))
-        try:
-            self.engine.submit(request)
-            self.m_queue.set(self.engine.queue_depth)
-            while True:
-                kind, value = await events.get()
-                if kind == "done":
-                    self._record(value)
-                yield kind, value
-                if kind == "done":
-                    return
-        finally:
-            request.cancel()  # a client gone mid-stream frees its slot at the next step
-            self.in_flight -= 1
-            self.m_queue.set(self.engine.queue_depth)
-            self.m_running.set(self.engine.busy_slots)
+        return Generation(request, events)
 
-    async def complete(self, ids: list[int], params: SamplingParams) -> Result:
-        async for kind, value in self.run(ids, params, stream=False):
-            if kind == "done":
-                return value
-        raise RuntimeError("no result")
+    async def complete(self, http: HTTPRequest, ids: list[int], params: SamplingParams) -> Result:
+        """Runs one request to its end. A client that goes away first cancels it
+        and is answered 499 (client closed request), which nobody reads."""
+        generation = self.admit(ids, params, stream=False)
+        result = asyncio.ensure_future(generation.queue.get())
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            answered = result.done()
+            if not answered:
+                result.cancel()
+                generation.cancel()
+        if not answered:
+            raise ClientError(499, "the client closed the connection before the answer", "client_closed_request")
+        return result.result()[1]
 
     def _record(self, result: Result) -> None:
         n = len(result.tokens)
+        self.m_finished.labels(result.finish_reason).inc()
         self.m_tokens_out.inc(n)
-        self.m_ttft.observe(result.time_to_first_token)
+        if n:
+            self.m_ttft.observe(result.time_to_first_token)
         if n > 1:
             self.m_tpot.observe(result.decode_seconds / (n - 1))
 
@@ -255,8 +318,12 @@ def create_app(server: Server) -> FastAPI:
     def error(request: HTTPRequest, status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
         server.m_requests.labels(request.url.path, str(status)).inc()
         if request.url.path.startswith("/v1"):
-            return openai_error(status, message, kind, param)
-        return JSONResponse({"error": message, "error_type": kind}, status_code=status)
+            response = openai_error(status, message, kind, param)
+        else:
+            response = JSONResponse({"error": message, "error_type": kind}, status_code=status)
+        if status == 429:
+            response.headers["Retry-After"] = "1"  # a place frees as soon as any request ends
+        return response
 
     @app.exception_handler(ClientError)
     async def _client_error(request: HTTPRequest, e: ClientError):
@@ -288,7 +355,7 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "maxllm"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: HTTPRequest):
         server.check_model(body.model)
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             if len(body.prompt) != 1:
@@ -315,11 +382,13 @@ def create_app(server: Server) -> FastAPI:
             return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
 
         if body.stream:
+            generation = server.admit(ids, params, stream=True)
+
             async def events():
                 if echo_text:
                     yield _sse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                                 "choices": [{"index": 0, "text": echo_text, "logprobs": None, "finish_reason": None}]})
-                async for kind, value in server.run(ids, params, stream=True):
+                async for kind, value in generation.events():
                     if kind == "token" and value.text:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                                     "choices": [{"index": 0, "text": value.text, "logprobs": None, "finish_reason": None}]})
@@ -328,9 +397,9 @@ def create_app(server: Server) -> FastAPI:
                                     "choices": [{"index": 0, "text": "", "logprobs": None,
                                                  "finish_reason": _openai_reason(value.finish_reason)}]})
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return EventStream(events(), generation)
 
-        result = await server.complete(ids, params)
+        result = await server.complete(http, ids, params)
         return {
             "id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
             "choices": [{"index": 0, "text": echo_text + result.text, "logprobs": logprobs_of(result),
@@ -340,7 +409,7 @@ def create_app(server: Server) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, http: HTTPRequest):
         server.check_model(body.model)
         ids = server.chat_ids(body.messages)
         max_new = body.max_completion_tokens or body.max_tokens or (cfg.max_total_tokens - len(ids))
@@ -356,17 +425,19 @@ def create_app(server: Server) -> FastAPI:
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
         if body.stream:
+            generation = server.admit(ids, params, stream=True)
+
             async def events():
                 yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                async for kind, value in server.run(ids, params, stream=True):
+                async for kind, value in generation.events():
                     if kind == "token" and value.text:
                         yield _sse(chunk({"content": value.text}, None))
                     elif kind == "done":
                         yield _sse(chunk({}, _openai_reason(value.finish_reason)))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return EventStream(events(), generation)
 
-        result = await server.complete(ids, params)
+        result = await server.complete(http, ids, params)
         logprobs = None
         if body.logprobs:
             logprobs = {"content": [{"token": server.tokenizer.decode([t.id]), "logprob": t.logprob, "bytes": None,
@@ -404,10 +475,10 @@ def create_app(server: Server) -> FastAPI:
         return details
 
     @app.post("/generate")
-    async def generate(body: TGIBody):
+    async def generate(body: TGIBody, http: HTTPRequest):
         ids = server.encode(body.inputs)
         p = body.parameters
-        result = await server.complete(ids, tgi_params(p, ids))
+        result = await server.complete(http, ids, tgi_params(p, ids))
         text = (body.inputs if p.return_full_text else "") + result.text
         out: dict[str, Any] = {"generated_text": text}
         if p.details:
@@ -418,11 +489,11 @@ def create_app(server: Server) -> FastAPI:
     async def generate_stream(body: TGIBody):
         ids = server.encode(body.inputs)
         p = body.parameters
-        params = tgi_params(p, ids)
+        generation = server.admit(ids, tgi_params(p, ids), stream=True)
 
         async def events():
             index = 0
-            async for kind, value in server.run(ids, params, stream=True):
+            async for kind, value in generation.events():
                 if kind == "token" and value.id >= 0:
                     index += 1
                     yield _sse({"index": index, "token": tgi_token(value), "generated_text": None, "details": None})
@@ -432,7 +503,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse({"index": index + 1, "token": {"id": -1, "text": "", "logprob": 0.0, "special": True},
                                 "generated_text": value.text, "details": final})
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), generation)
 
     @app.get("/info")
     async def info():
@@ -448,8 +519,6 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        server.m_queue.set(server.engine.queue_depth)
-        server.m_running.set(server.engine.busy_slots)
         return PlainTextResponse(generate_latest(server.registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
