@@ -4,6 +4,7 @@ written together; the losses equal a single-device run, and a checkpoint resumes
 on another mesh and another number of processes."""
 
 import collections
+import gzip
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from maxllm.data import DataError
 from maxllm.train import train
 
-from conftest import ROOT, TINY
+from conftest import QUICKSTART, ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,29 @@ def test_four_processes_equal_one_device(tiny, tmp_path):
     for row in rows:
         assert row["loss"] == pytest.approx(expected[row["step"]], rel=1e-5)
     assert (out / "checkpoints" / "5").is_dir()
+
+
+def test_two_processes_evaluate_tasks_during_training_like_one(tmp_path):
+    """eval.tasks with two processes: the batch of examples is sharded across them,
+    so each gathers the scores; the logged metrics equal evaluating the checkpoint
+    in this one process."""
+    from maxllm.eval import LanguageModel, evaluate
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text(gzip.open(QUICKSTART / "valid.jsonl.gz", "rt").readline()[:2000])
+    tasks = ["docs_mc", "docs_qa", str(docs)]
+    out = tmp_path / "multi"
+    _wait(_launch(out, _free_port(), "data.source=tokens", f"data.path={QUICKSTART / 'tokens' / 'valid'}",
+                  "model.vocab_size=4096", "train.steps=2", "eval.every_steps=2", f"eval.tasks={json.dumps(tasks)}",
+                  "eval.limit=8", "eval.num_fewshot=1", "eval.batch_size=4"))
+    row = _rows(out)[-1]
+    expected = evaluate(LanguageModel.load(out, batch_size=4), tasks, num_fewshot=1, limit=8)
+    print(f"\ntwo processes: {row['eval/docs_mc/acc']} {row['eval/docs_mc/acc_norm']} "
+          f"{row['eval/docs_qa/exact_match']}; one: {expected['docs_mc']}")
+    assert row["eval/docs_mc/acc"] == expected["docs_mc"]["acc"]
+    assert row["eval/docs_mc/acc_norm"] == expected["docs_mc"]["acc_norm"]
+    assert row["eval/docs_qa/exact_match"] == expected["docs_qa"]["exact_match"]
+    assert row["eval/docs/bits_per_byte"] == pytest.approx(expected["docs"]["bits_per_byte"], rel=1e-5)
 
 
 def test_checkpoint_of_two_processes_resumes_on_four_with_another_mesh(tiny, tmp_path):

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from flax import nnx
 
@@ -178,9 +179,9 @@ class LanguageModel:
                     owner[r], lens[r] = c, n
                     inputs[r, :n], targets[r, :n] = cont[:-1], cont[1:]
                 chunks.append((chunk, self._continuations(self.params, cache, owner, inputs, targets, lens)))
-            first_BV = jax.device_get(first_BV)
+            first_BV = _fetch(first_BV)
             for chunk, scored in chunks:
-                rest_RT, greedy_RT = jax.device_get(scored)
+                rest_RT, greedy_RT = _fetch(scored)
                 for r, (c, i, cont) in enumerate(chunk):
                     n = len(cont) - 1
                     logprob = float(first_BV[c, cont[0]]) + float(np.sum(rest_RT[r, :n]))
@@ -241,7 +242,7 @@ class LanguageModel:
         done = np.zeros(len(batch), bool)
         while True:
             if len(steps) == check_every or new.shape[1] + len(steps) >= N:
-                new = np.concatenate([new, np.stack(jax.device_get(steps), axis=1)], axis=1)
+                new = np.concatenate([new, np.stack(_fetch(steps), axis=1)], axis=1)
                 steps = []
                 for b, (_, _, stop, max_new) in enumerate(batch):
                     row = new[b]
@@ -286,7 +287,7 @@ class LanguageModel:
             for b, row in enumerate(batch):
                 n = len(row.inputs)
                 tokens[b, :n], targets[b, :n], segments[b, :n] = row.inputs, row.targets, 1
-            logprob, greedy = jax.device_get(self._score(self.params, tokens, targets, segments))
+            logprob, greedy = _fetch(self._score(self.params, tokens, targets, segments))
             for b, row in enumerate(batch):
                 n = len(row.inputs)
                 yield row, (logprob[b, :n], greedy[b, :n])
@@ -309,3 +310,15 @@ def _bucket(n: int, max_len: int) -> int:
         return n
     size = _round_up(max(n, 1), 16 if n <= 256 else 128)
     return min(size, max_len)
+
+
+def _fetch(tree: Any) -> Any:
+    """Host copies of the arrays in `tree`. With several processes the batch is
+    sharded across them, so each gathers the whole array (every process scores the
+    same examples and needs every row)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
