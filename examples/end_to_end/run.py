@@ -1,7 +1,7 @@
 """From raw web documents to a served chat model, in one script: the recipe of
 examples/end_to_end/README.md, stage by stage, with the time each stage took.
 
-    python examples/end_to_end/run.py            # ~8 min on 2 CPU cores -> runs/end_to_end/
+    python examples/end_to_end/run.py            # ~5 min on 2 CPU cores -> runs/end_to_end/
     python examples/end_to_end/run.py --quick    # the reduced form CI runs (~2 min)
 
 Each stage is one of maxllm's commands, printed before it runs so it can be copied:
