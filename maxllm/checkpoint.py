@@ -199,11 +199,22 @@ class Checkpointer:
         except Exception as e:  # tensorstore and Orbax raise many kinds for a failed write
             self._failed = True
             failed = self._writing if self._writing is not None else step
+            self._stop_writers()
             removed = self._remove_partial()
             raise CheckpointWriteFailed(self._write_error(failed, e, removed)) from e
         # An async save goes on in the background: its failure surfaces at the next
         # save or wait, and names this step.
         self._writing = step if step is not None and self.cfg.async_save else None
+
+    def _stop_writers(self) -> None:
+        """After a failed write, lets Orbax's other writes of the step end (each
+        fails or completes) and stops its threads, so nothing writes into the
+        unfinished step once it is removed."""
+        for finish in (self.manager.wait_until_finished, self.manager.close):
+            try:
+                finish()
+            except Exception:  # noqa: BLE001 - the first failure is the one reported
+                pass
 
     def _remove_partial(self) -> list[str]:
         """Deletes the unfinalized step directories a failed save left (on process 0;
@@ -219,15 +230,18 @@ class Checkpointer:
 
     def _write_error(self, step: int | None, error: Exception, removed: list[str]) -> str:
         cause = _first_line(error)
-        self.manager.reload()
-        intact = self.manager.latest_step()
+        finalized = [int(p.name) for p in self.directory.iterdir()
+                     if p.name.isdigit() and ocp.path.step.is_checkpoint_finalized(p)] if self.directory.exists() else []
+        intact = max(finalized, default=None)
         where = f"{self.directory}/{step}" if step is not None else str(self.directory)
         message = f"writing checkpoint {where} failed: {cause}. "
         if "No space left on device" in str(error) or "os_error_code='28'" in str(error):
             size = _size(self.directory / str(intact)) if intact is not None else None
             message += ("The disk is full" + (f" (a checkpoint of this run takes {size / 1e6:.1f} MB)" if size else "")
                         + ". ")
-        message += (f"The unfinished step was removed ({', '.join(removed)}); " if removed else "Nothing of the step was finalized; ")
+        message += (f"The unfinished step was never finalized and its files were deleted ({', '.join(removed)}; "
+                    "anything a write still in flight adds is removed at the next start); " if removed
+                    else "Nothing of the step was finalized; ")
         message += (f"checkpoint step {intact} is intact: free space (or set run.output_dir / checkpoint.dir elsewhere, "
                     "or lower checkpoint.max_to_keep) and run the same command to resume from it"
                     if intact is not None else "no earlier checkpoint exists: free space and run the same command again")
