@@ -19,7 +19,7 @@ import pytest
 from maxllm.data import DataError
 from maxllm.train import train
 
-from conftest import QUICKSTART, ROOT, TINY
+from conftest import FAST_COMPILE, QUICKSTART, ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _launch(out, port, *extra, processes=2):
     for rank in range(processes):
         env = {
             **os.environ,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes} {FAST_COMPILE}",
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
             "JAX_NUM_PROCESSES": str(processes),
             "JAX_PROCESS_ID": str(rank),
