@@ -67,15 +67,12 @@ class Checkpointer:
         self._failed = False
 
     def _warn_unfinished(self) -> None:
-        if not self.directory.exists():
-            return
-        for child in sorted(self.directory.iterdir()):
-            if child.name[:1].isdigit() and ocp.path.step.is_path_temporary(child):
-                log.warning(
-                    "skipping unfinished checkpoint %s (a save that did not complete); "
-                    "resuming from the newest complete step instead",
-                    child,
-                )
+        for child in _unfinished_steps(self.directory):
+            log.warning(
+                "skipping unfinished checkpoint %s (a save that did not complete); "
+                "resuming from the newest complete step instead",
+                child,
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -219,20 +216,16 @@ class Checkpointer:
     def _remove_partial(self) -> list[str]:
         """Deletes the unfinalized step directories a failed save left (on process 0;
         Orbax removes any left over at the next start), freeing their space."""
-        if jax.process_index() != 0 or not self.directory.exists():
+        if jax.process_index() != 0:
             return []
-        removed = []
-        for child in self.directory.iterdir():
-            if child.name[:1].isdigit() and ocp.path.step.is_path_temporary(child):
-                child.rmtree()
-                removed.append(child.name)
-        return removed
+        removed = _unfinished_steps(self.directory)
+        for child in removed:
+            child.rmtree()
+        return [child.name for child in removed]
 
     def _write_error(self, step: int | None, error: Exception, removed: list[str]) -> str:
         cause = _first_line(error)
-        finalized = [int(p.name) for p in self.directory.iterdir()
-                     if p.name.isdigit() and ocp.path.step.is_checkpoint_finalized(p)] if self.directory.exists() else []
-        intact = max(finalized, default=None)
+        intact = max(_finalized_steps(self.directory), default=None)
         where = f"{self.directory}/{step}" if step is not None else str(self.directory)
         message = f"writing checkpoint {where} failed: {cause}. "
         if "No space left on device" in str(error) or "os_error_code='28'" in str(error):
@@ -246,6 +239,22 @@ class Checkpointer:
                     "or lower checkpoint.max_to_keep) and run the same command to resume from it"
                     if intact is not None else "no earlier checkpoint exists: free space and run the same command again")
         return message
+
+
+def _finalized_steps(root: epath.Path) -> list[int]:
+    """The steps under `root` whose saves completed, in order (read from the
+    directory, not from a CheckpointManager's cached listing)."""
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and ocp.path.step.is_path_finalized(p))
+
+
+def _unfinished_steps(root: epath.Path) -> list[epath.Path]:
+    """The step directories under `root` of saves that never completed."""
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.name[:1].isdigit() and ocp.path.step.is_path_temporary(p)),
+                  key=lambda p: p.name)
 
 
 def _first_line(error: Exception) -> str:
@@ -292,8 +301,7 @@ class StateReader:
     def __init__(self, directory: str, step: int | None = None):
         root = epath.Path(directory if "://" in directory else Path(directory).absolute())
         if step is None:
-            steps = sorted(int(p.name) for p in root.iterdir()
-                           if p.name.isdigit() and ocp.path.step.is_path_finalized(p)) if root.exists() else []
+            steps = _finalized_steps(root)
             if not steps:
                 raise ConfigError(f"{root}: no complete checkpoint")
             step = steps[-1]

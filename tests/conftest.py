@@ -38,16 +38,12 @@ def gcs(tmp_path_factory):
     STORAGE_EMULATOR_HOST, tensorstore (Orbax's checkpoints) through
     TENSORSTORE_GCS_HTTP_URL with a dummy token; local copies of gs:// data go to a
     temporary MAXLLM_CACHE_DIR."""
-    import socket
-
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no gRPC bucket probing (read at import)
     pytest.importorskip("gcsfs")
     from gcp_storage_emulator.server import create_server
 
     _serve_generations()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="maxllm-test")
     server.start()
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
@@ -56,6 +52,15 @@ def gcs(tmp_path_factory):
     os.environ["MAXLLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("maxllm-cache"))
     yield "gs://maxllm-test"
     server.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _serve_generations() -> None:

@@ -37,7 +37,6 @@ import re
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINKED = ("configs", "data", "tools")  # the repository folders the commands read
@@ -159,22 +158,17 @@ def program(command: str) -> str:
     return words[0] if words else ""
 
 
-def _words(command: str) -> list[str]:
-    words = shlex.split(command.split("\n")[0].rstrip("&"))
+def _env_and_words(command: str) -> tuple[dict[str, str], list[str]]:
+    """The command's leading VAR=value assignments, and its words after them."""
+    words, env = shlex.split(command.split("\n")[0].rstrip("&")), {}
     while words and re.fullmatch(r"\w+=.*", words[0]):
-        words.pop(0)
-    return words
-
-
-def _env_of(command: str) -> dict[str, str]:
-    words = shlex.split(command.split("\n")[0])
-    env = {}
-    for w in words:
-        if not re.fullmatch(r"\w+=.*", w):
-            break
-        key, _, value = w.partition("=")
+        key, _, value = words.pop(0).partition("=")
         env[key] = value
-    return env
+    return env, words
+
+
+def _words(command: str) -> list[str]:
+    return _env_and_words(command)[1]
 
 
 def _arg(words: list[str], flag: str) -> str | None:
@@ -289,13 +283,13 @@ def _shell(command: str, ports: dict[str, int]) -> str:
     """The command as run: ports mapped to free ones, speed overrides appended."""
     def free(match: re.Match) -> str:
         if match.group(2) not in ports:
-            ports[match.group(2)] = _free_port()
+            ports[match.group(2)] = free_port()
         return f"{match.group(1)}{ports[match.group(2)]}"
 
     shell = re.sub(r"(--port[ =]|localhost:|127\.0\.0\.1:)(\d+)\b", free, command)
     extra = _speed(command)
     if program(command) == "maxllm.serve" and _arg(_words(command), "--port") is None:
-        extra += f" --port {ports.setdefault('8000', _free_port())}"
+        extra += f" --port {ports.setdefault('8000', free_port())}"
     if not extra:
         return shell
     background = shell.endswith("&")
@@ -312,12 +306,6 @@ def _speed(command: str) -> str:
 
 def _port_of(shell: str) -> int:
     return int(_arg(_words(shell), "--port"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -350,7 +338,7 @@ def _check(command: str, rc: int, output: str, root: Path) -> str | None:
     if prog == "maxllm.train" and "--dry-run" in words:
         return None if re.search(r"peak +[\d.]+ GB", output) else "no peak memory in the dry run's report"
     if prog == "maxllm.train":
-        env = _env_of(command)
+        env = _env_and_words(command)[0]
         if "JAX_PROCESS_ID" in env:
             banner = f"jax.distributed: process {env['JAX_PROCESS_ID']} of {env['JAX_NUM_PROCESSES']}"
             if banner not in output:

@@ -8,7 +8,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ import pytest
 from maxllm.data import DataError
 from maxllm.train import train
 
-from conftest import FAST_COMPILE, QUICKSTART, ROOT, TINY
+from conftest import FAST_COMPILE, QUICKSTART, ROOT, TINY, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(out, port, *extra, processes=2):
@@ -66,7 +59,7 @@ def test_two_processes_equal_one_device(tiny, tmp_path):
     expected = train(tiny(f"run.output_dir={tmp_path / 'single'}"), devices=jax.devices()[:1]).losses
 
     out = tmp_path / "multi"
-    _wait(_launch(out, _free_port(), "checkpoint.every_steps=5"))
+    _wait(_launch(out, free_port(), "checkpoint.every_steps=5"))
     rows = _rows(out)
     assert [r["step"] for r in rows] == sorted(expected)  # written once, by process 0
     for row in rows:
@@ -78,7 +71,7 @@ def test_four_processes_equal_one_device(tiny, tmp_path):
     expected = train(tiny(f"run.output_dir={tmp_path / 'single'}"), devices=jax.devices()[:1]).losses
 
     out = tmp_path / "multi"
-    errs = _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "mesh.fsdp=4", "mesh.data=1",
+    errs = _wait(_launch(out, free_port(), "checkpoint.every_steps=5", "mesh.fsdp=4", "mesh.data=1",
                          "mesh.tensor=2", processes=4))
     assert all(f"jax.distributed: process {i} of 4" in e for i, e in enumerate(errs))
     rows = _rows(out)
@@ -99,7 +92,7 @@ def test_two_processes_evaluate_tasks_during_training_like_one(tmp_path):
     docs.write_text(gzip.open(QUICKSTART / "valid.jsonl.gz", "rt").readline()[:2000])
     tasks = ["docs_mc", "docs_qa", str(docs)]
     out = tmp_path / "multi"
-    _wait(_launch(out, _free_port(), "data.source=tokens", f"data.path={QUICKSTART / 'tokens' / 'valid'}",
+    _wait(_launch(out, free_port(), "data.source=tokens", f"data.path={QUICKSTART / 'tokens' / 'valid'}",
                   "model.vocab_size=4096", "train.steps=2", "eval.every_steps=2", f"eval.tasks={json.dumps(tasks)}",
                   "eval.limit=8", "eval.num_fewshot=1", "eval.batch_size=4"))
     row = _rows(out)[-1]
@@ -120,8 +113,8 @@ def test_checkpoint_of_two_processes_resumes_on_four_with_another_mesh(tiny, tmp
     expected = train(tiny(f"run.output_dir={tmp_path / 'single'}", "train.steps=10", constant),
                      devices=jax.devices()[:1]).losses
     out = tmp_path / "run"
-    _wait(_launch(out, _free_port(), "train.steps=5", constant, "mesh.fsdp=4", "mesh.data=1", "mesh.tensor=2"))
-    errs = _wait(_launch(out, _free_port(), "train.steps=10", constant, "mesh.fsdp=8", "mesh.data=1",
+    _wait(_launch(out, free_port(), "train.steps=5", constant, "mesh.fsdp=4", "mesh.data=1", "mesh.tensor=2"))
+    errs = _wait(_launch(out, free_port(), "train.steps=10", constant, "mesh.fsdp=8", "mesh.data=1",
                          processes=4))
     assert all("resumed from checkpoint step 5" in e for e in errs)
     rows = {r["step"]: r["loss"] for r in _rows(out)}
@@ -135,7 +128,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     out = tmp_path / "run"
     slow = ["checkpoint.every_steps=1000", "logging.every_steps=1", "model.d_model=256",
             "model.mlp_dim=512", "data.seq_len=128", "train.global_batch_size=16"]
-    procs = _launch(out, _free_port(), "train.steps=1000", *slow)
+    procs = _launch(out, free_port(), "train.steps=1000", *slow)
     deadline = time.monotonic() + 240
     while not ((out / "metrics.jsonl").exists() and len(_rows(out)) >= 5):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
@@ -147,14 +140,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     step = stopped.pop()
     assert 5 <= step < 1000 and (out / "checkpoints" / str(step)).is_dir()
 
-    errs = _wait(_launch(out, _free_port(), f"train.steps={step + 2}", *slow))
+    errs = _wait(_launch(out, free_port(), f"train.steps={step + 2}", *slow))
     assert all(f"resumed from checkpoint step {step}" in e for e in errs)
 
 
 def test_two_processes_read_disjoint_parts_whose_union_is_the_epoch(tmp_path):
     from test_data import VALID, _docs, _pieces
 
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_data.py"), str(port), str(rank),
                           str(tmp_path / f"{rank}.json")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -180,7 +173,7 @@ def test_resuming_with_another_process_count(tiny, tmp_path):
     expected = train(tiny(f"run.output_dir={tmp_path / 'single'}", "train.steps=12", constant),
                      devices=jax.devices()[:1]).losses
     out = tmp_path / "synthetic"
-    _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "train.steps=10", constant))
+    _wait(_launch(out, free_port(), "checkpoint.every_steps=5", "train.steps=10", constant))
     resumed = train(tiny(f"run.output_dir={out}", "train.steps=12", "checkpoint.enabled=true", constant),
                     devices=jax.devices()[:1])
     assert resumed.start_step == 10
@@ -191,7 +184,7 @@ def test_resuming_with_another_process_count(tiny, tmp_path):
 
     grain_run = ["data.source=tokens", f"data.path={VALID}", "model.vocab_size=4096"]
     out = tmp_path / "tokens"
-    _wait(_launch(out, _free_port(), "checkpoint.every_steps=5", "train.steps=5", *grain_run))
+    _wait(_launch(out, free_port(), "checkpoint.every_steps=5", "train.steps=5", *grain_run))
     with pytest.raises(DataError, match=r"saved with \{'process_count': 2.*this run has \{'process_count': 1"):
         train(tiny(f"run.output_dir={out}", "train.steps=7", "checkpoint.enabled=true", *grain_run))
 
@@ -207,7 +200,7 @@ def test_two_process_dpo_equals_one_device(tiny, tmp_path):
     single = train(tiny(f"run.output_dir={tmp_path / 'single'}", *dpo), devices=jax.devices()[:1]).history
 
     out = tmp_path / "multi"
-    _wait(_launch(out, _free_port(), "checkpoint.every_steps=1000", *dpo))
+    _wait(_launch(out, free_port(), "checkpoint.every_steps=1000", *dpo))
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:

@@ -24,7 +24,7 @@ from flax import nnx
 from maxllm.sample import greedy_generate
 from maxllm.serve.sampling import sample
 
-from conftest import QUICKSTART, train_on_quickstart
+from conftest import QUICKSTART, free_port, train_on_quickstart
 
 VALID = QUICKSTART / "tokens" / "valid"
 PROMPTS = [
@@ -53,9 +53,7 @@ def live(trained):
 
     server = build_server(trained, dtype="float32", slots=4, max_total_tokens=128, model_name="tiny")
     server.engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
@@ -458,9 +456,7 @@ def test_the_serve_command_starts_serves_and_stops(trained):
 
     from conftest import ROOT
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "maxllm.serve", "--model", str(trained), "--port", str(port),
                              "--max-total-tokens", "64", "--slots", "2", "--quantize", "int8", "--api-key", "k"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
